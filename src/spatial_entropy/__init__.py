@@ -1,0 +1,11 @@
+"""spatial-entropy: a spatial-entropy regulariser for Vision Transformers, on top of timm."""
+
+__version__ = "0.1.0"
+
+from spatial_entropy.components import label_components, reference_label_components
+from spatial_entropy.entropy import (
+    SpatialEntropyLoss,
+    reference_spatial_entropy,
+    se_weight,
+    spatial_entropy,
+)
