@@ -1,0 +1,339 @@
+"""Attention metrics: Jaccard of [CLS] attention against object masks, spatial-entropy stats."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.components import label_components
+from spatial_entropy.entropy import spatial_entropy
+
+__all__ = [
+    "VOID_LABEL",
+    "AttentionStatistics",
+    "attention_jaccard",
+    "attention_masks",
+    "evaluate_attention",
+    "jaccard_index",
+    "map_statistics",
+    "object_masks",
+]
+
+VOID_LABEL = 255
+"""Class-map value of pixels that are ignored (PASCAL VOC's object boundaries and padding)."""
+
+
+def _check_maps(maps: Tensor, grid_shape: Sequence[int], name: str) -> tuple[int, int]:
+    if not isinstance(maps, Tensor) or not maps.dtype.is_floating_point:
+        raise TypeError(f"Expected {name} to be a floating-point tensor, but got {maps!r:.80}")
+    if maps.dim() != 3:
+        raise ValueError(
+            f"Expected {name} of shape (B, heads, N), rank 3, but got shape {tuple(maps.shape)}"
+        )
+    gh, gw = (int(g) for g in grid_shape)
+    if maps.shape[-1] != gh * gw:
+        raise ValueError(
+            f"Expected N = gh * gw = {gh * gw} patches for grid {gh}x{gw}, but got "
+            f"shape {tuple(maps.shape)}"
+        )
+    return gh, gw
+
+
+def attention_masks(
+    attention: Tensor,
+    grid_shape: Sequence[int],
+    image_size: Sequence[int] | None = None,
+    *,
+    mass: float = 0.6,
+) -> Tensor:
+    """The patches holding ``mass`` of each attention map, as a boolean patch or pixel mask.
+
+    DINO's protocol: renormalise each map over the patches, sort it, and keep the smallest set
+    of top patches whose attention adds up to at least ``mass``. Patches tied with the last
+    kept value are kept too, so the mask never depends on the order of the patches.
+
+    Args:
+        attention: ``(B, heads, N)`` non-negative attention over the patches (post-softmax),
+            ``N = gh * gw`` in raster order.
+        grid_shape: ``(gh, gw)``.
+        image_size: ``(H, W)`` to upsample the mask to pixels (nearest neighbour); None keeps
+            the patch grid.
+        mass: share of the attention mass to keep, in ``(0, 1]``.
+
+    Returns:
+        Boolean ``(B, heads, gh, gw)``, or ``(B, heads, H, W)`` with ``image_size``.
+
+    Example:
+        >>> attention = torch.tensor([[[0.5, 0.25, 0.125, 0.125]]])
+        >>> attention_masks(attention, (2, 2)).int().tolist()
+        [[[[1, 1], [0, 0]]]]
+    """
+    gh, gw = _check_maps(attention, grid_shape, "attention")
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"Expected mass in (0, 1], but got {mass}")
+    values = attention.detach().to(torch.float64)
+    total = values.sum(dim=-1, keepdim=True)
+    if bool((values < 0).any()) or not bool((total > 0).all()):
+        raise ValueError("Expected non-negative attention maps with a positive sum over patches")
+    ordered = (values / total).sort(dim=-1, descending=True).values
+    # A patch is needed while the mass of the patches ranked above it is still short of `mass`.
+    mass_above = ordered.cumsum(dim=-1) - ordered
+    kept = (mass_above < mass).sum(dim=-1, keepdim=True)
+    threshold = ordered.gather(-1, kept - 1)
+    masks = (values / total >= threshold).reshape(*attention.shape[:2], gh, gw)
+    if image_size is None:
+        return masks
+    size = tuple(int(s) for s in image_size)
+    return F.interpolate(masks.to(torch.uint8), size=size, mode="nearest").bool()
+
+
+def jaccard_index(prediction: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Intersection over union of boolean masks, counting only ``valid`` pixels.
+
+    Args:
+        prediction: boolean ``(..., H, W)``.
+        target: boolean, broadcastable to ``prediction``.
+        valid: boolean, broadcastable; pixels where it is False count in neither the
+            intersection nor the union (VOC's void). None: every pixel counts.
+
+    Returns:
+        float ``(...)``: the Jaccard index, NaN where the union is empty.
+    """
+    for name, mask in (("prediction", prediction), ("target", target), ("valid", valid)):
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"Expected {name} to be a boolean mask, but got dtype {mask.dtype}")
+    intersection = prediction & target
+    union = prediction | target
+    if valid is not None:
+        intersection, union = intersection & valid, union & valid
+    inter = intersection.sum(dim=(-2, -1)).to(torch.float64)
+    uni = union.sum(dim=(-2, -1)).to(torch.float64)
+    return torch.where(uni > 0, inter / uni.clamp(min=1), torch.full_like(uni, math.nan))
+
+
+def object_masks(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Split one image's mask into object masks and the pixels that count.
+
+    Args:
+        mask: ``(H, W)``: boolean (one object, e.g. cluttered-fashion) or an integer class map
+            (e.g. VOC's SegmentationClass) with 0 = background and 255 = void.
+
+    Returns:
+        ``(objects, valid)``: boolean ``(K, H, W)``, one mask per object (per class present in a
+        class map, in increasing class order; ``K = 0`` for an empty mask), and boolean
+        ``(H, W)``, False on void pixels.
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"Expected one (H, W) mask, but got {mask!r:.80}")
+    if mask.dtype == torch.bool:
+        objects = mask[None] if bool(mask.any()) else mask.new_zeros((0, *mask.shape))
+        return objects, torch.ones_like(mask)
+    if mask.dtype.is_floating_point:
+        raise TypeError(f"Expected a boolean or integer mask, but got dtype {mask.dtype}")
+    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID_LABEL)]
+    objects = torch.stack([mask == c for c in classes]) if classes else None
+    if objects is None:
+        objects = torch.zeros((0, *mask.shape), dtype=torch.bool, device=mask.device)
+    return objects, mask != VOID_LABEL
+
+
+def attention_jaccard(
+    attention: Tensor, grid_shape: Sequence[int], masks: Tensor, *, mass: float = 0.6
+) -> tuple[Tensor, Tensor]:
+    """Jaccard of each image's attention against its objects, the DINO protocol.
+
+    Each head's ``mass`` mask (see :func:`attention_masks`) is upsampled to the mask's pixels
+    and compared with every object; each object takes its best head; the image's score is the
+    mean over its objects.
+
+    Args:
+        attention: ``(B, heads, N)`` post-softmax [CLS] attention over the patches.
+        grid_shape: ``(gh, gw)``.
+        masks: ``(B, H, W)`` boolean object masks or integer class maps (see
+            :func:`object_masks`).
+        mass: share of the attention mass each head keeps.
+
+    Returns:
+        ``(scores, per_head)``: float64 ``(B,)`` image scores (NaN for an image without
+        objects) and float64 ``(B, heads)``, each head's Jaccard averaged over the image's
+        objects (NaN likewise).
+
+    Example:
+        >>> attention = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+        >>> mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+        >>> mask[0, :2, :2] = True  # the top-left patch of a 2x2 grid of 2x2-pixel patches
+        >>> attention_jaccard(attention, (2, 2), mask)[0].tolist()
+        [1.0]
+    """
+    if masks.dim() != 3 or masks.shape[0] != attention.shape[0]:
+        raise ValueError(
+            f"Expected masks of shape (B, H, W) with B = {attention.shape[0]}, but got "
+            f"shape {tuple(masks.shape)}"
+        )
+    predicted = attention_masks(attention, grid_shape, masks.shape[-2:], mass=mass)
+    predicted = predicted.to(masks.device)
+    scores = torch.full((masks.shape[0],), math.nan, dtype=torch.float64)
+    per_head = torch.full(attention.shape[:2], math.nan, dtype=torch.float64)
+    for b, mask in enumerate(masks):
+        objects, valid = object_masks(mask)
+        if objects.shape[0] == 0:
+            continue
+        # (objects, heads): every object against every head of this image.
+        table = jaccard_index(predicted[b, None], objects[:, None], valid).cpu()
+        scores[b] = table.max(dim=1).values.mean()
+        per_head[b] = table.mean(dim=0)
+    return scores, per_head
+
+
+def map_statistics(logits: Tensor, grid_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Spatial entropy and number of regions of each attention map.
+
+    The regions are the 8-connected components of the map's foreground (logits strictly above
+    the map's mean), as in the loss; a constant map has no foreground and 0 regions.
+
+    Args:
+        logits: ``(B, heads, N)`` pre-softmax [CLS] logits over the patches.
+        grid_shape: ``(gh, gw)``.
+
+    Returns:
+        ``(entropy, regions)``: float ``(B, heads)`` and int64 ``(B, heads)``.
+
+    Example:
+        >>> logits = torch.zeros(1, 1, 9)
+        >>> logits[0, 0, [0, 8]] = 1.0  # two blobs in opposite corners of a 3x3 grid
+        >>> [t.tolist() for t in map_statistics(logits, (3, 3))]
+        [[[0.6931471824645996]], [[2]]]
+    """
+    gh, gw = _check_maps(logits, grid_shape, "logits")
+    logits = logits.detach()
+    entropy = spatial_entropy(logits, (gh, gw))
+    # Same foreground test and precision as the loss, so the counts describe what it sees.
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    foreground = (scores - scores.mean(dim=-1, keepdim=True)) > 0
+    labels = label_components(foreground.reshape(*logits.shape[:2], gh, gw))
+    return entropy, labels.flatten(-2).amax(dim=-1)
+
+
+class AttentionStatistics:
+    """Running attention statistics over batches: spatial entropy, regions, Jaccard.
+
+    Call :meth:`update` after each forward pass (with the captured [CLS] logits, and with the
+    post-softmax attention and masks when the data has object masks), then :meth:`compute`.
+    The engine uses it to log per-epoch statistics of training or validation batches.
+
+    Args:
+        mass: share of the attention mass kept for the Jaccard.
+
+    Example:
+        >>> stats = AttentionStatistics()
+        >>> logits = torch.zeros(2, 3, 9)
+        >>> logits[..., 4] = 1.0  # one blob in the middle of every map
+        >>> stats.update(logits, (3, 3))
+        >>> stats.compute()["single_region_share"]
+        1.0
+    """
+
+    def __init__(self, mass: float = 0.6) -> None:
+        self.mass = mass
+        self._entropy: list[Tensor] = []
+        self._regions: list[Tensor] = []
+        self._jaccard: list[Tensor] = []
+        self._jaccard_per_head: list[Tensor] = []
+
+    def update(
+        self,
+        logits: Tensor,
+        grid_shape: Sequence[int],
+        attention: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> None:
+        """Add a batch: ``logits`` and ``attention`` ``(B, heads, N)``, ``masks`` ``(B, H, W)``."""
+        entropy, regions = map_statistics(logits, grid_shape)
+        self._entropy.append(entropy.float().cpu())
+        self._regions.append(regions.cpu())
+        if masks is not None:
+            if attention is None:
+                raise ValueError("the Jaccard needs the post-softmax attention with the masks")
+            scores, per_head = attention_jaccard(attention, grid_shape, masks, mass=self.mass)
+            self._jaccard.append(scores)
+            self._jaccard_per_head.append(per_head)
+
+    def reset(self) -> None:
+        """Forget every batch (e.g. at the start of an epoch)."""
+        for values in (self._entropy, self._regions, self._jaccard, self._jaccard_per_head):
+            values.clear()
+
+    def compute(self) -> dict[str, float | int | list[float]]:
+        """Statistics of all batches since the last :meth:`reset`.
+
+        Returns:
+            ``se_mean`` (mean spatial entropy over maps), ``se_per_head``, ``regions_mean``
+            (mean number of regions per map), ``regions_per_head``, ``single_region_share``
+            (share of maps with exactly one region), ``maps`` (number of images); with masks
+            also ``jaccard`` (mean over images with objects), ``jaccard_per_head`` and
+            ``jaccard_images`` (number of images with objects).
+        """
+        if not self._entropy:
+            raise RuntimeError("no batch was added; call update() first")
+        entropy = torch.cat(self._entropy)
+        regions = torch.cat(self._regions).to(torch.float64)
+        result: dict[str, float | int | list[float]] = {
+            "se_mean": entropy.mean().item(),
+            "se_per_head": entropy.mean(dim=0).tolist(),
+            "regions_mean": regions.mean().item(),
+            "regions_per_head": regions.mean(dim=0).tolist(),
+            "single_region_share": (regions == 1).to(torch.float64).mean().item(),
+            "maps": entropy.shape[0],
+        }
+        if self._jaccard:
+            scores = torch.cat(self._jaccard)
+            per_head = torch.cat(self._jaccard_per_head)
+            scored = ~scores.isnan()
+            result["jaccard"] = scores[scored].mean().item() if scored.any() else math.nan
+            result["jaccard_per_head"] = per_head[scored].mean(dim=0).tolist()
+            result["jaccard_images"] = int(scored.sum())
+        return result
+
+
+@torch.no_grad()
+def evaluate_attention(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    mass: float = 0.6,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float | int | list[float]]:
+    """Attention statistics of ``model`` on the batches of ``loader`` (see
+    :class:`AttentionStatistics` for the keys).
+
+    Args:
+        model: a timm ViT with a [CLS] token (see :class:`AttentionCapture`); put in eval mode
+            for the loop and restored afterwards.
+        loader: yields ``(images, labels)`` or ``(images, labels, masks)``, images
+            ``(B, C, H, W)``, masks ``(B, H, W)`` (bool, or class maps with 255 = void); the
+            Jaccard is computed only when masks come.
+        mass: share of the attention mass each head keeps for the Jaccard.
+        device: where to run; default the model's device.
+        max_batches: stop after this many batches.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    stats = AttentionStatistics(mass=mass)
+    was_training = model.training
+    model.eval()
+    try:
+        with AttentionCapture(model) as capture:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                model(batch[0].to(device, non_blocking=True))
+                masks = batch[2] if len(batch) > 2 else None
+                stats.update(capture.logits, capture.grid_shape, capture.attention, masks)
+    finally:
+        model.train(was_training)
+    return stats.compute()
