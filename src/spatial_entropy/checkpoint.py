@@ -1,0 +1,172 @@
+"""Atomic training checkpoints that load without unpickling code, and RNG state capture."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+__all__ = [
+    "atomic_write",
+    "get_rng_state",
+    "set_rng_state",
+    "seeded_rng",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "save_weights",
+    "load_weights",
+]
+
+LATEST = "latest"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
+
+    The bytes go to a temporary file in the same directory, are fsynced, and replace ``path``
+    with ``os.replace``; the directory is fsynced so the rename itself survives a crash.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def get_rng_state(cuda: bool = True) -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and plain lists.
+
+    The result holds no arbitrary objects, so it survives ``torch.load(weights_only=True)``.
+    """
+    version, mt_state, gauss = random.getstate()
+    # The legacy global NumPy RNG is the one that timm's Mixup and augmentations draw from.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if cuda and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the states captured by :func:`get_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and torch CPU RNGs inside the block; restore the outer states after."""
+    outer = get_rng_state(cuda=False)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(outer)
+
+
+def _state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's state dict as safetensors, atomically."""
+    atomic_write(path, save(_state_dict(model)))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a safetensors state dict (safetensors never runs code)."""
+    return load_file(str(path))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    state: Mapping[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Save ``model`` (safetensors) and ``state`` (``torch.save``) as checkpoint ``step``.
+
+    Both files are written atomically, then the ``latest`` pointer is replaced, then all but the
+    newest ``keep`` checkpoints are deleted: a kill at any moment leaves ``latest`` naming a
+    complete checkpoint. ``state`` must hold only tensors and plain Python values.
+
+    Returns:
+        The checkpoint's path without suffix (``directory/step_00000100``).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"step_{step:08d}"
+    save_weights(model, stem.with_suffix(".safetensors"))
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write(stem.with_suffix(".pt"), buffer.getvalue())
+    atomic_write(directory / LATEST, stem.name.encode())
+    for old in sorted(directory.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return stem
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint named by ``directory/latest`` (path without suffix), or None."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    stem = Path(directory) / pointer.read_text().strip()
+    if not stem.with_suffix(".pt").is_file() or not stem.with_suffix(".safetensors").is_file():
+        raise FileNotFoundError(f"{pointer} names {stem.name}, whose files are missing")
+    return stem
+
+
+def load_checkpoint(stem: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load a checkpoint saved by :func:`save_checkpoint`: (model state dict, training state).
+
+    ``torch.load(weights_only=True)`` refuses anything but tensors and plain values, so a
+    checkpoint from an untrusted source cannot execute code.
+    """
+    stem = Path(stem)
+    weights = load_weights(stem.with_suffix(".safetensors"))
+    state = torch.load(stem.with_suffix(".pt"), map_location="cpu", weights_only=True)
+    return weights, state

@@ -1,0 +1,212 @@
+"""Training configuration: a typed dataclass read from YAML and overridden by ``key=value``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = ["SpatialEntropyConfig", "TrainConfig", "load_config", "save_config", "config_keys"]
+
+
+@dataclass
+class SpatialEntropyConfig:
+    """The spatial-entropy regulariser: ``total loss = task loss + weight(t) * SE``."""
+
+    weight: float = 0.01  # peak lambda; 0 turns the regulariser off (no hooks, no cost)
+    schedule: str = "warmup_cosine"  # "constant" or "warmup_cosine"
+    warmup_epochs: float = 10.0  # linear warm-up of lambda (warmup_cosine only)
+    per_step: bool = True  # update lambda every optimiser step (else once per epoch)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved as ``RUN_DIR/config.yaml``.
+
+    The recipe defaults are DeiT's (AdamW, cosine with warm-up, RandAugment, Mixup/CutMix,
+    label smoothing, random erasing, drop path); ``configs/`` holds presets.
+    """
+
+    # model
+    model: str = "se_vit_small_patch8_64"
+    checkpoint: str | None = None  # fine-tune from our weights or a timm/DeiT state dict
+    img_size: int | None = None  # None: the model's default input size
+    no_last_skip: bool = False
+    drop_path: float = 0.1
+    model_kwargs: dict = field(default_factory=dict)  # more timm kwargs (depth, qk_norm, ...)
+    # data
+    dataset: str = "cluttered-fashion"
+    data_path: str | None = None
+    n_per_class: int | None = None
+    fraction: float | None = None
+    val_split: str = "test"
+    data_options: dict = field(default_factory=dict)  # dataset-specific, passed through
+    augment: dict = field(default_factory=dict)  # more transform keys (hflip, padding, ...)
+    num_workers: int = 2
+    # optimisation
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimiser steps (schedules keep `epochs`)
+    batch_size: int = 64  # per process, as in DeiT/timm
+    opt: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    layer_decay: float | None = None
+    sched: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: float | None = None
+    # augmentation and regularisation
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
+    se: SpatialEntropyConfig = field(default_factory=SpatialEntropyConfig)
+    # runtime
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    amp: str = "auto"  # "auto" (bf16 on CUDA if supported, else fp16; off on CPU), "bf16", ...
+    checkpoint_every: int = 500  # optimiser steps between checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    log_every: int = 10  # steps between progress-bar refreshes (each one syncs the device)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "se.schedule": (self.se.schedule, ("constant", "warmup_cosine")),
+            "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
+            "device": (self.device, ("auto", "cpu", "cuda")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        positive |= {"eval_every": self.eval_every, "log_every": self.log_every}
+        positive |= {"keep_checkpoints": self.keep_checkpoints}
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"config key 'max_steps' must be >= 1 or null, got {self.max_steps}")
+        if self.se.weight < 0:
+            raise ValueError(f"config key 'se.weight' must be >= 0, got {self.se.weight}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Dotted key -> type for every leaf field of a (nested) config dataclass."""
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= {f"{f.name}.{k}": t for k, t in _fields(hints[f.name]).items()}
+        else:
+            keys[f.name] = hints[f.name]
+    return keys
+
+
+def config_keys() -> list[str]:
+    """All valid dotted keys of :class:`TrainConfig`."""
+    return sorted(_fields(TrainConfig))
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        # Dict-valued fields (`data_options`, `augment`) are leaves: their keys pass through.
+        if isinstance(value, Mapping) and _fields(TrainConfig).get(dotted) is not dict:
+            flat |= _flatten(value, f"{dotted}.")
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against the field's type; ints (and ``5e-4``) pass where floats are due."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    allowed = allowed or (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            # PyYAML reads `5e-4` (no dot in the mantissa) as a string; it means a float.
+            with contextlib.suppress(ValueError):
+                return float(value)
+        if kind is not type(None) and isinstance(value, kind):
+            if kind is int and isinstance(value, bool):
+                continue
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ValueError(f"config key {key!r} expects {names}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key_error(key: str, valid: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    # YAML typing: `lr=1e-3` is a float, `model_ema=true` a bool, `max_steps=null` None.
+    return key.strip(), yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Build a :class:`TrainConfig` from defaults, a YAML file, ``values`` and ``key=value`` items.
+
+    Later sources win: defaults < YAML file < ``values`` < ``overrides``. Nested YAML mappings and
+    dotted keys (``se.weight``) are equivalent.
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+    """
+    flat: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded)}")
+        flat |= _flatten(loaded)
+    flat |= _flatten(values or {})
+    flat |= dict(_parse_override(item) for item in overrides)
+
+    types_by_key = _fields(TrainConfig)
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key not in types_by_key:
+            raise _unknown_key_error(key, sorted(types_by_key))
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _coerce(key, value, types_by_key[key])
+    se = SpatialEntropyConfig(**nested.pop("se", {}))
+    return TrainConfig(**nested, se=se)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, readable back by :func:`load_config`."""
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)

@@ -1,0 +1,84 @@
+"""Tests of the training config: YAML + overrides, typing, unknown keys, round trip."""
+
+import pytest
+import yaml
+
+from spatial_entropy.config import TrainConfig, config_keys, load_config, save_config
+
+
+def test_defaults_are_the_deit_recipe():
+    cfg = load_config()
+    assert cfg == TrainConfig()
+    assert (cfg.opt, cfg.weight_decay, cfg.smoothing, cfg.mixup, cfg.cutmix) == (
+        "adamw",
+        0.05,
+        0.1,
+        0.8,
+        1.0,
+    )
+    assert (cfg.se.weight, cfg.se.schedule, cfg.se.warmup_epochs) == (0.01, "warmup_cosine", 10.0)
+
+
+def test_yaml_then_values_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.001\nepochs: 3\nse:\n  weight: 0.05\n  schedule: constant\n")
+    cfg = load_config(path, ["se.weight=0", "max_steps=7", "model_ema=true"], {"epochs": 5})
+    assert cfg.lr == 0.001 and cfg.epochs == 5 and cfg.max_steps == 7 and cfg.model_ema is True
+    assert cfg.se.weight == 0.0 and isinstance(cfg.se.weight, float)
+    assert cfg.se.schedule == "constant"
+
+
+def test_dotted_and_nested_yaml_are_the_same(tmp_path):
+    nested, dotted = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    nested.write_text("se:\n  warmup_epochs: 2\n")
+    dotted.write_text("se.warmup_epochs: 2\n")
+    assert load_config(nested) == load_config(dotted)
+
+
+def test_dict_fields_pass_their_keys_through():
+    cfg = load_config(overrides=["data_options={n_clutter: 2}", "model_kwargs={depth: 2}"])
+    assert cfg.data_options == {"n_clutter": 2} and cfg.model_kwargs == {"depth": 2}
+
+
+def test_null_overrides():
+    assert load_config(overrides=["max_steps=null", "auto_augment="]).auto_augment is None
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config key 'se\.wieght'.*se\.weight") as err:
+        load_config(overrides=["se.wieght=1"])
+    assert "batch_size" in str(err.value) and "checkpoint_every" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("lr=fast", "'lr' expects float"),
+        ("max_steps=1e3", "'max_steps' expects int"),
+        ("epochs=2.5", "'epochs' expects int"),
+        ("model_ema=1", "'model_ema' expects bool"),
+        ("amp=fp8", "'amp' must be one of"),
+        ("se.schedule=linear", "'se.schedule' must be one of"),
+        ("batch_size=0", "'batch_size' must be >= 1"),
+        ("se.weight=-1", "'se.weight' must be >= 0"),
+        ("nokey", "expects key=value"),
+    ],
+)
+def test_bad_values_are_named(item, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=[item])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(overrides=["lr=3e-4", "n_per_class=50", "se.per_step=false"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["se"]["per_step"] is False and saved["n_per_class"] == 50
+
+
+def test_required_keys_exist():
+    required = {"model", "dataset", "data_path", "n_per_class", "epochs", "max_steps"}
+    required |= {"batch_size", "lr", "seed", "num_workers", "se.weight", "se.schedule"}
+    required |= {"no_last_skip", "checkpoint_every"}
+    assert required <= set(config_keys())
