@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.components import label_components, reference_label_components
 from spatial_entropy.entropy import (
     SpatialEntropyLoss,
@@ -9,3 +10,4 @@ from spatial_entropy.entropy import (
     se_weight,
     spatial_entropy,
 )
+from spatial_entropy.models import create_model, load_checkpoint_into, remove_last_skip
