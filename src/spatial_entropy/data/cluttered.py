@@ -130,11 +130,12 @@ def _render(
 
     # distractors: a 10x10 crop centred on a random non-zero pixel of another item, at the
     # first candidate position whose window holds few object pixels (integral image)
-    flat = source[draws["fragment_items"].ravel()].reshape(n * num_distractors, -1) > 12
+    height, width = source.shape[1:]
+    flat = source[draws["fragment_items"].ravel()].reshape(n * num_distractors, height * width)
+    flat = flat > 12  # the alpha rule, pixel / 255 > 0.05, on uint8
     counts = flat.sum(1)
     rank = np.minimum((draws["fragment_pixel"].ravel() * counts).astype(np.int64), counts - 1)
     centre = np.argmax(np.cumsum(flat, axis=1, dtype=np.int16) > rank[:, None], axis=1)
-    height, width = source.shape[1:]
     crop_top = np.clip(centre // width - fragment // 2, 0, height - fragment)
     crop_left = np.clip(centre % width - fragment // 2, 0, width - fragment)
     span = np.arange(fragment)
