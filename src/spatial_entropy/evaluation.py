@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.components import label_components
+from spatial_entropy.config import TrainConfig, load_config
+from spatial_entropy.data import build_dataset
+from spatial_entropy.data.registry import dataset_class
 from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.models import create_model
 
 __all__ = [
     "VOID_LABEL",
@@ -19,7 +28,9 @@ __all__ = [
     "attention_jaccard",
     "attention_masks",
     "evaluate_attention",
+    "evaluate_run_attention",
     "jaccard_index",
+    "load_run",
     "map_statistics",
     "object_masks",
 ]
@@ -337,3 +348,93 @@ def evaluate_attention(
     finally:
         model.train(was_training)
     return stats.compute()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    with_masks: bool = True,
+) -> tuple[nn.Module, Dataset, TrainConfig]:
+    """A trained run's model and a split of its dataset, as ``RUN_DIR/config.yaml`` describes.
+
+    Args:
+        run_dir: a directory written by ``spatial-entropy train``.
+        split: the dataset split to build, with the evaluation transform.
+        checkpoint: weights to load instead of ``RUN_DIR/model.safetensors``: a
+            ``.safetensors`` file, a training checkpoint (``checkpoints/step_*``, with or
+            without suffix) or a checkpoint directory (its latest checkpoint).
+        with_masks: give the items object masks when the dataset has them.
+
+    Returns:
+        ``(model, dataset, config)``, the model in eval mode on the CPU.
+    """
+    # The engine imports this module for its statistics, so its names are imported here.
+    from spatial_entropy.engine import CONFIG_NAME, WEIGHTS_NAME, _image_size
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / CONFIG_NAME)
+    weights = Path(checkpoint) if checkpoint is not None else run_dir / WEIGHTS_NAME
+    if weights.suffix == ".pt":  # a training checkpoint's state; its weights sit beside it
+        weights = weights.with_suffix(".safetensors")
+    if checkpoint is None and not weights.is_file():
+        raise FileNotFoundError(f"no weights at {weights}; has the run finished?")
+    masks = with_masks and dataset_class(config.dataset).mask_dtype is not None
+    dataset = build_dataset(
+        config.dataset,
+        split,
+        data_path=config.data_path,
+        img_size=_image_size(config),
+        is_train=False,
+        seed=config.seed,
+        with_masks=masks,
+        options=config.data_options or None,
+    )
+    model = create_model(
+        config.model,
+        num_classes=dataset.num_classes,
+        img_size=_image_size(config),
+        in_chans=dataset.in_chans,
+        no_last_skip=config.no_last_skip,
+        checkpoint=weights,
+    )
+    return model.eval(), dataset, config
+
+
+def evaluate_run_attention(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    *,
+    mass: float = 0.6,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Attention statistics of a run on ``split`` of its dataset, merged into ``eval.json``.
+
+    The Jaccard is computed when the dataset has object masks (cluttered-fashion, voc2012,
+    pets). The keys (see :class:`AttentionStatistics`) are added to ``RUN_DIR/eval.json``,
+    keeping what ``spatial-entropy evaluate`` wrote there for the same split and checkpoint.
+
+    Returns:
+        The attention statistics, with ``mass``.
+    """
+    model, dataset, config = load_run(run_dir, split, checkpoint=checkpoint)
+    device = resolve_device(device)
+    loader = DataLoader(dataset, batch_size=batch_size or config.batch_size, shuffle=False)
+    metrics: dict[str, Any] = {**evaluate_attention(model.to(device), loader, mass=mass)}
+    metrics["mass"] = mass
+    path = Path(run_dir) / "eval.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    if previous.get("split", split) != split:
+        previous = {}  # statistics of another split must not sit beside these
+    path.write_text(json.dumps(previous | metrics | {"split": split}, indent=2))
+    return metrics

@@ -10,7 +10,7 @@ from spatial_entropy import __version__
 
 # Each module registers one subcommand through `register(subparsers)`; the function it sets
 # as `func` receives the parsed arguments and returns an exit code.
-COMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "data")
+COMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "data", "attention", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

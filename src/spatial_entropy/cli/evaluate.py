@@ -23,6 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weights to evaluate: a .safetensors file or checkpoints/step_*.pt",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="also the attention statistics: jaccard (datasets with object masks), se_mean, "
+        "regions_mean, single_region_share",
+    )
+    parser.add_argument(
+        "--mass", type=float, default=0.6, help="attention mass kept for the Jaccard (default 0.6)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -32,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         metrics = evaluate_run(args.run_dir, args.split, args.checkpoint, args.device)
+        if args.attention:
+            from spatial_entropy.evaluation import evaluate_run_attention
+
+            metrics |= evaluate_run_attention(
+                args.run_dir, args.split, args.checkpoint, args.device, mass=args.mass
+            )
     except (OSError, ValueError) as exc:
         raise SystemExit(f"spatial-entropy evaluate: {exc}") from exc
     print(json.dumps(metrics, indent=2))
