@@ -10,4 +10,11 @@ from spatial_entropy.entropy import (
     se_weight,
     spatial_entropy,
 )
+from spatial_entropy.evaluation import (
+    AttentionStatistics,
+    attention_jaccard,
+    attention_masks,
+    evaluate_attention,
+    map_statistics,
+)
 from spatial_entropy.models import create_model, load_checkpoint_into, remove_last_skip
