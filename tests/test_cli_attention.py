@@ -28,6 +28,7 @@ def runs(tmp_path_factory):
         config = load_config(
             values={
                 "model": "se_vit_small_patch8_64",
+                "model_kwargs": {"depth": 2, "embed_dim": 32},
                 "dataset": "cluttered-fashion",
                 "data_options": {"test_size": TEST_SIZE, "cache_dir": str(cache)},
                 "no_last_skip": no_last_skip,
@@ -38,7 +39,13 @@ def runs(tmp_path_factory):
         )
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(len(made))
-        model = create_model(config.model, num_classes=10, in_chans=1, no_last_skip=no_last_skip)
+        model = create_model(
+            config.model,
+            num_classes=10,
+            in_chans=1,
+            no_last_skip=no_last_skip,
+            **config.model_kwargs,
+        )
         save_weights(model, run_dir / "model.safetensors")
         made[name] = run_dir
     return made

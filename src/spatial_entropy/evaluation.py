@@ -405,6 +405,7 @@ def load_run(
         in_chans=dataset.in_chans,
         no_last_skip=config.no_last_skip,
         checkpoint=weights,
+        **config.model_kwargs,
     )
     return model.eval(), dataset, config
 
