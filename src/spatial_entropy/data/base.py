@@ -134,10 +134,10 @@ class VisionDataset(Dataset):
         label = self.targets[index]
         return (image, label, mask) if self.with_masks else (image, label)
 
-    def _reject(self, reason: str) -> None:
-        """Raise `DatasetError` for a bad item, or record it when skipping bad items."""
+    def _reject(self, reason: str, error: type[DatasetError] = DatasetError) -> None:
+        """Raise ``error`` for a bad item, or record it when skipping bad items."""
         if not self.skip_bad:
-            raise DatasetError(f"{reason}; {SKIP_HINT}")
+            raise error(f"{reason}; {SKIP_HINT}")
         self.skipped_reasons.append(reason)
 
     def _report_skipped(self) -> None:
@@ -160,7 +160,7 @@ class VisionDataset(Dataset):
             try:
                 self.load(index)
             except DatasetError as exc:
-                self._reject(str(exc))
+                self._reject(str(exc), type(exc))
             else:
                 keep.append(index)
         if len(self.skipped_reasons) > reasons:

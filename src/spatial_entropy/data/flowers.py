@@ -76,7 +76,9 @@ class Flowers102(VisionDataset):
                     f"range; expected 1..{len(self.classes)}"
                 )
             elif not path.is_file():
-                self._reject(f"{path}: image file not found (listed in setid.mat)")
+                self._reject(
+                    f"{path}: image file not found (listed in setid.mat)", DatasetNotFoundError
+                )
             else:
                 self.samples.append(path)
                 self.targets.append(int(labels[image_id - 1]) - 1)

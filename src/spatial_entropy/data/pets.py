@@ -70,7 +70,9 @@ class OxfordPets(VisionDataset):
                     f"{where}: class id {class_id} out of range; expected 1..{NUM_CLASSES}"
                 )
             elif not image_path.is_file():
-                self._reject(f"{image_path}: image file not found (listed at {where})")
+                self._reject(
+                    f"{image_path}: image file not found (listed at {where})", DatasetNotFoundError
+                )
             else:
                 names.setdefault(class_id, name.rsplit("_", 1)[0])
                 self.samples.append(

@@ -87,7 +87,10 @@ class VOC2012Segmentation(VisionDataset):
             image_path = folder / "JPEGImages" / f"{image_id}.jpg"
             map_path = folder / "SegmentationClass" / f"{image_id}.png"
             if not image_path.is_file():
-                self._reject(f"{image_path}: image file not found (listed in {ids_file})")
+                self._reject(
+                    f"{image_path}: image file not found (listed in {ids_file})",
+                    DatasetNotFoundError,
+                )
                 continue
             try:
                 label = self._dominant_class(map_path)
