@@ -4,6 +4,13 @@ __version__ = "0.1.0"
 
 from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.components import label_components, reference_label_components
+from spatial_entropy.data import (
+    DatasetError,
+    build_dataset,
+    dataset_names,
+    generate_cluttered,
+    stratified_subset,
+)
 from spatial_entropy.entropy import (
     SpatialEntropyLoss,
     reference_spatial_entropy,
