@@ -47,7 +47,8 @@ class TrainConfig:
     data_path: str | None = None
     n_per_class: int | None = None
     fraction: float | None = None
-    val_split: str = "test"
+    val_split: str = "test"  # evaluated during training
+    val_fraction: float | None = None  # evaluate on a stratified subset (quick runs)
     data_options: dict = field(default_factory=dict)  # dataset-specific, passed through
     augment: dict = field(default_factory=dict)  # more transform keys (hflip, padding, ...)
     num_workers: int = 2

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,9 @@ class TrainingRun:
     steps_per_epoch: int
     total_steps: int
     step: int = 0
+    # Per-step statistics summed over the current epoch, on the device; a mid-epoch checkpoint
+    # saves them so that a resumed epoch logs the same means as an unbroken one.
+    epoch_sums: dict[str, Tensor] = field(default_factory=dict)
 
     def autocast(self) -> torch.autocast:
         enabled = self.amp_dtype is not None
@@ -113,7 +116,9 @@ def train_one_epoch(
     """
     cfg, device = run.config, run.info.device
     run.model.train()
-    sums: dict[str, Tensor] = {"loss": torch.zeros((), device=device)}
+    if start_batch == 0:
+        run.epoch_sums = {}
+    sums = run.epoch_sums
     current: dict[str, float] = {}
     batches, start_time = 0, time.perf_counter()
     progress = tqdm(
@@ -146,17 +151,20 @@ def train_one_epoch(
 
         # Running sums stay on the device; only the progress bar refresh synchronises.
         batches += 1
-        sums["loss"] += loss.detach().float()
+        step_stats = {"batches": torch.ones((), device=device), "loss": loss.detach()}
         for reg in run.regularizers:
             for key, value in reg.stats().items():
                 if isinstance(value, Tensor):
-                    sums[key] = sums.get(key, 0.0) + value.float()
+                    step_stats[key] = value
                 else:
                     current[key] = value
+        for key, value in step_stats.items():
+            sums[key] = sums.get(key, 0.0) + value.double()
         if batches % cfg.log_every == 0 and run.info.is_main:
             rate = batches * images.shape[0] * run.info.world_size
             rate /= time.perf_counter() - start_time
-            shown = {k: f"{v.item() / batches:.4f}" for k, v in sums.items()}
+            count = sums["batches"].item()
+            shown = {k: f"{v.item() / count:.4f}" for k, v in sums.items() if k != "batches"}
             progress.set_postfix(shown | {"img/s": f"{rate:.0f}"}, refresh=False)
         if on_step is not None:
             on_step(epoch, batch + 1)
@@ -166,9 +174,11 @@ def train_one_epoch(
 
     elapsed = time.perf_counter() - start_time
     keys = sorted(sums)
-    totals = all_reduce_sum(torch.stack([sums[k] for k in keys]).double())
-    denominator = max(batches, 1) * run.info.world_size
-    stats = {f"train_{k}": v.item() / denominator for k, v in zip(keys, totals, strict=True)}
+    totals = dict(
+        zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True)
+    )
+    count = max(totals.pop("batches", 0.0), 1.0)
+    stats = {f"train_{k}": v / count for k, v in totals.items()}
     stats |= current | {"lr": run.optimizer.param_groups[0]["lr"]}
     stats["images_per_s"] = batches * cfg.batch_size * run.info.world_size / max(elapsed, 1e-9)
     stats["epoch_time_s"] = elapsed
@@ -231,7 +241,10 @@ def _build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset
                 config.dataset, "train", is_train=True, augment=augment,
                 n_per_class=config.n_per_class, fraction=config.fraction, **common,
             )  # fmt: skip
-            val_set = build_dataset(config.dataset, config.val_split, is_train=False, **common)
+            val_set = build_dataset(
+                config.dataset, config.val_split, is_train=False,
+                fraction=config.val_fraction, **common,
+            )  # fmt: skip
             datasets = (train_set, val_set)
         barrier()
     return datasets
@@ -395,7 +408,9 @@ def _train(
     # Training randomness (dropout, drop path, Mixup) differs per rank, as in DeiT.
     random_seed(cfg.seed, info.rank)
     if stem is not None:
-        set_rng_state(state["rng"][info.rank])
+        own = state["ranks"][info.rank]
+        set_rng_state(own["rng"])
+        run.epoch_sums = {k: v.to(info.device) for k, v in own["epoch_sums"].items()}
         if info.is_main:
             print(f"resumed from {stem} (epoch {state['epoch']}, step {state['step']})")
 
@@ -403,8 +418,10 @@ def _train(
     elapsed, session_start = state["elapsed"], time.perf_counter()
 
     def save(epoch: int, batch: int) -> None:
-        # Collective: every rank contributes its RNG state, rank 0 writes.
-        rng = all_gather_object(get_rng_state())
+        # Collective: every rank contributes its RNG states and epoch sums, rank 0 writes.
+        ranks = all_gather_object(
+            {"rng": get_rng_state(), "epoch_sums": {k: v.cpu() for k, v in run.epoch_sums.items()}}
+        )
         if not info.is_main:
             return
         payload = {
@@ -413,7 +430,7 @@ def _train(
             "global_batch": cfg.batch_size * info.world_size,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "ema": None if ema is None else ema.state_dict(),
-            "rng": rng,
+            "ranks": ranks,
         }  # fmt: skip
         save_checkpoint(
             checkpoint_dir, run.step, unwrap_model(model), payload, cfg.keep_checkpoints
