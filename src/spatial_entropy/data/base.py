@@ -53,18 +53,17 @@ def open_label_map(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode not in ("P", "L"):
-                raise DatasetError(
-                    f"{path}: mode {image.mode!r}; expected a palette ('P') or greyscale ('L') "
-                    "PNG whose pixel values are class indices"
-                )
-            return np.asarray(image, dtype=np.uint8).copy()
+            mode, values = image.mode, np.asarray(image).copy()
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"{path}: label map not found") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
         raise DatasetError(f"{path}: cannot decode label map ({exc}); expected a PNG") from exc
+    if mode not in ("P", "L"):
+        raise DatasetError(
+            f"{path}: mode {mode!r}; expected a palette ('P') or greyscale ('L') PNG whose "
+            "pixel values are class indices"
+        )
+    return values.astype(np.uint8)
 
 
 class VisionDataset(Dataset):
