@@ -99,11 +99,11 @@ def attention_figure(
     """One grid of attention pictures: a row per image, a group of columns per run.
 
     Columns: the input; for each run, each head's attention as a heatmap over the image (patch
-    resolution, scaled to the head's maximum) with its ``mass`` mask outlined in cyan, then the
-    ``mass`` mask itself (the image dimmed outside it): of the best head when object masks are
-    known (the head with the highest Jaccard, which is printed on each panel), else of the
-    attention averaged over heads; last, the object mask when known (outlined in green on the
-    mask panels too).
+    resolution, from the map's minimum to its maximum) with its ``mass`` mask outlined in cyan,
+    then the ``mass`` mask itself (the image dimmed outside it): of the best head when object
+    masks are known (the head with the highest Jaccard, which is printed on each panel), else
+    of the attention averaged over heads; last, the object mask when known (outlined in green
+    on the mask panels too).
 
     Args:
         images: ``(B, C, H, W)`` display images in ``[0, 1]`` (see :func:`denormalize`), C = 1
@@ -163,8 +163,11 @@ def attention_figure(
                 ax = axes[b, start + h]
                 _show_image(ax, images[b])
                 heat = attention[b, h].reshape(*grid_shape).numpy()
+                # Each map spans the whole colour range, as in DINO's pictures: a near-uniform
+                # map of an untrained model would otherwise be one flat colour.
+                heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
                 ax.imshow(
-                    heat / max(float(heat.max()), 1e-12),
+                    heat,
                     cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0, interpolation="nearest",
                     extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5),
                 )  # fmt: skip
