@@ -1,5 +1,7 @@
 """cluttered-fashion: determinism, exact masks, balance, distractor placement, cache, dataset."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,16 @@ def test_training_transform_keeps_mask_on_object(fashion_dir, tmp_path):
     for index in range(len(train)):
         image, _, mask = train[index]
         np.testing.assert_array_equal((image[0] > background + 1e-4).numpy(), mask.numpy())
+
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_items_masks_are_exact():
+    scenes = generate_cluttered(
+        200, "test", seed=0, data_path=REAL, dim=0.0, distractors=0, cache=False
+    )
+    np.testing.assert_array_equal(scenes["images"] > 0, scenes["masks"])
+    sides = scenes["boxes"][:, 2:] - scenes["boxes"][:, :2]
+    assert sides.max() <= 40 and np.bincount(scenes["labels"]).tolist() == [20] * 10

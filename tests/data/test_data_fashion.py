@@ -1,6 +1,7 @@
 """Fashion-MNIST: IDX parsing, file lookup, bad input, dataset items."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,14 @@ def test_label_count_mismatch_names_both_files(fashion_dir):
     write_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz", np.zeros(5, np.uint8))
     with pytest.raises(DatasetError, match="t10k-labels.*expected \\(250,\\)"):
         build_dataset("fashion-mnist", "test", data_path=fashion_dir)
+
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_files_from_the_debian_package():
+    test = build_dataset("fashion-mnist", "test", data_path=REAL)
+    assert len(test) == 10_000 and np.bincount(test.targets).tolist() == [1000] * 10
+    image, _ = test[0]
+    assert image.shape == (1, 28, 28)

@@ -7,6 +7,7 @@ import pytest
 import scipy.io
 import torch
 from data_writers import PETS_TEST, PETS_TRAINVAL, write_jpeg
+from PIL import Image
 
 from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset
 
@@ -134,6 +135,10 @@ def test_pets_bad_inputs(pets_dir):
     notes.write_text("\n".join(PETS_TRAINVAL) + "\n")
     with pytest.raises(DatasetNotFoundError, match="Abyssinian_2.jpg: image file not found"):
         build_dataset("pets", "train", data_path=pets_dir)
+    (pets_dir / "annotations" / "trimaps" / "american_bulldog_3.png").unlink()
+    test = build_dataset("pets", "test", data_path=pets_dir, with_masks=True)
+    with pytest.raises(DatasetNotFoundError, match="american_bulldog_3.png: label map not found"):
+        test[0]
     (pets_dir / "annotations" / "test.txt").unlink()
     with pytest.raises(DatasetNotFoundError, match="test.txt: not found"):
         build_dataset("pets", "test", data_path=pets_dir)
@@ -219,6 +224,9 @@ def test_voc_bad_inputs(voc_dir):
         build_dataset("voc2012", "val", data_path=voc_dir)
     with pytest.warns(UserWarning, match="skipped 1"):
         assert build_dataset("voc2012", "val", data_path=voc_dir, skip_bad=True).targets == [2]
+    Image.new("RGB", (48, 32)).save(folder / "SegmentationClass" / "2007_000033.png")
+    with pytest.raises(DatasetError, match=r"2007_000033.png: mode 'RGB'; expected a palette"):
+        build_dataset("voc2012", "val", data_path=voc_dir)
     (folder / "ImageSets" / "Segmentation" / "train.txt").unlink()
     with pytest.raises(DatasetNotFoundError, match="Segmentation/train.txt: not found"):
         build_dataset("voc2012", "train", data_path=voc_dir)
