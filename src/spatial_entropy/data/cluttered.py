@@ -252,6 +252,7 @@ def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with handle:
             np.savez_compressed(handle, **arrays)
+        os.chmod(handle.name, 0o644)  # temporary files are private; a cache may be shared
         os.replace(handle.name, path)  # readers see the old file or the whole new one
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
