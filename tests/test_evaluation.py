@@ -186,7 +186,7 @@ class TestStatistics:
         assert result["single_region_share"] == 0.5
         assert result["se_mean"] == pytest.approx(math.log(2) / 4, abs=1e-6)
         assert result["se_per_head"] == pytest.approx([0.0, math.log(2) / 2], abs=1e-6)
-        assert result["maps"] == 2 and "jaccard" not in result
+        assert result["images"] == 2 and "jaccard" not in result
         stats.reset()
         with pytest.raises(RuntimeError, match="update"):
             stats.compute()
@@ -223,7 +223,7 @@ def test_evaluate_attention_matches_the_functions():
     assert result["se_mean"] == pytest.approx(entropy.mean().item(), abs=1e-6)
     assert result["regions_mean"] == pytest.approx(regions.double().mean().item())
     assert result["jaccard"] == pytest.approx(scores.mean().item())
-    assert len(result["se_per_head"]) == 3 and result["maps"] == 4
+    assert len(result["se_per_head"]) == 3 and result["images"] == 4
 
     unmasked = evaluate_attention(model, [(images, torch.zeros(4))], max_batches=1)
     assert "jaccard" not in unmasked

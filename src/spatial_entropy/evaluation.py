@@ -285,7 +285,7 @@ class AttentionStatistics:
         Returns:
             ``se_mean`` (mean spatial entropy over maps), ``se_per_head``, ``regions_mean``
             (mean number of regions per map), ``regions_per_head``, ``single_region_share``
-            (share of maps with exactly one region), ``maps`` (number of images); with masks
+            (share of maps with exactly one region), ``images`` (number of images); with masks
             also ``jaccard`` (mean over images with objects), ``jaccard_per_head`` and
             ``jaccard_images`` (number of images with objects).
         """
@@ -299,7 +299,7 @@ class AttentionStatistics:
             "regions_mean": regions.mean().item(),
             "regions_per_head": regions.mean(dim=0).tolist(),
             "single_region_share": (regions == 1).to(torch.float64).mean().item(),
-            "maps": entropy.shape[0],
+            "images": entropy.shape[0],
         }
         if self._jaccard:
             scores = torch.cat(self._jaccard)
