@@ -1,0 +1,195 @@
+"""Tests of the training engine's pieces: resumable sampling, the regulariser, evaluation,
+the train/evaluate commands and fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.cli import main
+from spatial_entropy.config import load_config
+from spatial_entropy.distributed import DistributedInfo
+from spatial_entropy.engine import build_regularizers, evaluate
+from spatial_entropy.entropy import reference_spatial_entropy
+from spatial_entropy.loader import EpochSeededDataset, ResumableSampler, build_train_loader
+from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sampler_follows_distributed_sampler_and_resumes_mid_epoch(rank):
+    data = list(range(22))
+    sampler = ResumableSampler(data, batch_size=3, num_replicas=2, rank=rank, seed=5)
+    oracle = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5)
+    oracle.set_epoch(4)
+    sampler.set_position(4)
+    assert list(sampler) == [(4, i) for i in oracle]
+    sampler.set_position(4, batch=2)
+    assert list(sampler) == [(4, i) for i in list(oracle)[6:]] and len(sampler) == 11 - 6
+
+
+class _RandomPixel(Dataset):
+    """Item i is one draw from each global RNG: what an augmentation would consume."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(()).item(), float(np.random.rand())  # noqa: NPY002
+
+
+def test_augmentation_randomness_is_a_function_of_seed_epoch_and_index():
+    dataset = EpochSeededDataset(_RandomPixel(), seed=3)
+    torch.manual_seed(0)
+    outer = torch.rand(3)
+    torch.manual_seed(0)
+    first = [dataset[(1, i)] for i in range(8)]
+    assert torch.equal(torch.rand(3), outer), "items must not move the caller's RNG"
+    assert [dataset[(1, i)] for i in reversed(range(8))] == first[::-1]
+    assert dataset[(2, 0)] != first[0] and len(set(first)) == 8
+
+
+def test_loader_batches_do_not_depend_on_workers():
+    x = torch.arange(40.0)
+    info = DistributedInfo()
+    batches = [
+        [b for (b,) in build_train_loader(TensorDataset(x), 4, info, seed=1, num_workers=n)]
+        for n in (0, 2)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*batches, strict=True)) and len(batches[0]) == 10
+
+
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2,
+        num_classes=3,
+    )  # fmt: skip
+
+
+def test_spatial_entropy_regularizer_is_weighted_reference_entropy():
+    model, regularizer = _tiny_vit(), SpatialEntropyRegularizer(0.5, "constant")
+    assert isinstance(regularizer, Regularizer)
+    regularizer.attach(model)
+    regularizer.set_progress(3.0, 10.0)
+    model(torch.randn(2, 3, 32, 32))
+    with AttentionCapture(model) as capture:
+        model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    term = regularizer()
+    expected = reference_spatial_entropy(capture.logits, capture.grid_shape).mean()
+    torch.testing.assert_close(term, 0.5 * expected)
+    torch.testing.assert_close(regularizer.stats()["se"], expected.detach())
+    assert term.requires_grad and regularizer.stats()["se_weight"] == 0.5
+    regularizer.remove()
+
+
+def test_regularizer_at_zero_weight_logs_without_a_graph():
+    model, regularizer = _tiny_vit(), SpatialEntropyRegularizer(0.01, "warmup_cosine", warmup=2)
+    regularizer.attach(model)
+    regularizer.set_progress(0.0, 10.0)  # start of the warm-up: lambda = 0
+    model(torch.randn(2, 3, 32, 32))
+    term = regularizer()
+    assert term.item() == 0 and not term.requires_grad
+    assert regularizer.stats()["se"] >= 0
+
+
+def test_regularizer_switches():
+    assert build_regularizers(load_config(overrides=["se.weight=0"])) == []
+    (se,) = build_regularizers(load_config(overrides=["se.weight=0.2", "se.warmup_epochs=3"]))
+    assert (se.weight, se.schedule, se.warmup) == (0.2, "warmup_cosine", 3.0)
+
+
+def test_evaluate_matches_a_numpy_oracle():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 7, generator=generator)
+    targets = torch.randint(0, 7, (37,), generator=generator)
+    loader = DataLoader(TensorDataset(logits, targets), batch_size=10)
+    metrics = evaluate(nn.Identity(), loader, torch.device("cpu"))  # the "model" is its input
+
+    scores, labels = logits.numpy(), targets.numpy()
+    rank = (scores > scores[np.arange(37), labels][:, None]).sum(1)  # classes scored higher
+    shifted = scores - scores.max(1, keepdims=True)
+    nll = -(shifted[np.arange(37), labels] - np.log(np.exp(shifted).sum(1)))
+    assert metrics["top1"] == pytest.approx(100 * np.mean(rank == 0))
+    assert metrics["top5"] == pytest.approx(100 * np.mean(rank < 5))
+    assert metrics["loss"] == pytest.approx(nll.mean(), rel=1e-6)
+    assert metrics["images"] == 37
+
+
+TINY = [
+    "model=se_vit_tiny_patch4_32",
+    "model_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+    "img_size=16",
+    "dataset=cluttered-fashion",
+    "batch_size=10",
+    "epochs=2",
+    "max_steps=3",
+    "num_workers=0",
+]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    cache = f"data_options={{train_per_class: 2, test_size: 30, cache_dir: {tmp_path / 'data'}}}"
+    return [*TINY, cache]
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_commands(tmp_path, tiny, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--output", str(run), *_sets(tiny)]) == 0
+    assert "top1" in capsys.readouterr().out
+    for name in ("config.yaml", "log.csv", "metrics.json", "model.safetensors", "checkpoints"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["images"] == 30
+
+    assert main(["evaluate", str(run), "--split", "test"]) == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert json.loads(capsys.readouterr().out) == evaluated
+    # the final weights on the same split: the training run's own final evaluation
+    for key in ("top1", "top5", "loss"):
+        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-6), key
+
+    (stem,) = sorted((run / "checkpoints").glob("step_*.pt"))[-1:]
+    assert main(["evaluate", str(run), "--checkpoint", str(stem)]) == 0
+    assert json.loads((run / "eval.json").read_text())["top1"] == pytest.approx(metrics["top1"])
+
+    with pytest.raises(SystemExit, match="--resume auto"):
+        main(["train", "--output", str(run), *_sets(tiny)])
+
+
+def test_unknown_key_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'lrate'; valid keys: .* lr, "):
+        main(["train", "--output", str(tmp_path), "--set", "lrate=1"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path, tiny):
+    source = tmp_path / "source"
+    assert main(["train", "--output", str(source), *_sets(tiny)]) == 0
+    # lr 0 and no weight decay: the fine-tuned weights are the loaded ones (new head aside)
+    frozen = ["lr=0", "warmup_lr=0", "min_lr=0", "weight_decay=0", "mixup=0", "cutmix=0"]
+    new_task = [f"checkpoint={source / 'model.safetensors'}", "img_size=32", "se.weight=0"]
+    target = tmp_path / "target"
+    assert main(["train", "--output", str(target), *_sets([*tiny, *frozen, *new_task])]) == 0
+    before, after = load_file(source / "model.safetensors"), load_file(target / "model.safetensors")
+    assert after["pos_embed"].shape[1] == 1 + 8 * 8 and before["pos_embed"].shape[1] == 1 + 4 * 4
+    grid = before["pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    resampled = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True)
+    torch.testing.assert_close(
+        after["pos_embed"][:, 1:], resampled.permute(0, 2, 3, 1).reshape(1, 64, -1)
+    )
+    for key in before:
+        if not key.startswith("pos_embed"):
+            assert torch.equal(before[key], after[key]), key
