@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
 from spatial_entropy.checkpoint import seeded_rng
 from spatial_entropy.distributed import DistributedInfo
@@ -27,7 +27,7 @@ class EpochSeededDataset(Dataset):
     the global Python/NumPy/torch RNGs. Seeding them per sample makes an augmented batch
     independent of the worker that produced it, of the number of workers and of the world
     size, which is what lets a run resume mid-epoch bit for bit. The outer RNG states are
-    restored after each item, so the main process's streams (dropout, Mixup) are untouched.
+    restored after each item in the main process, so its streams (dropout, Mixup) are untouched.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -39,7 +39,8 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with seeded_rng(sample_seed(self.seed, epoch, index)):
+        in_worker = get_worker_info() is not None
+        with seeded_rng(sample_seed(self.seed, epoch, index), restore=not in_worker):
             return self.dataset[index]
 
 
