@@ -49,7 +49,15 @@ from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
 
-__all__ = ["train", "train_one_epoch", "evaluate", "evaluate_run", "build_regularizers"]
+__all__ = [
+    "train",
+    "train_one_epoch",
+    "evaluate",
+    "evaluate_run",
+    "build_regularizers",
+    "build_training_run",
+    "build_datasets",
+]
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -224,7 +232,8 @@ def _image_size(config: TrainConfig) -> int | None:
     return None if input_size is None else input_size[-1]
 
 
-def _build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset, Dataset]:
+def build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset, Dataset]:
+    """The (train, validation) datasets of a config, with its augmentation recipe."""
     common = dict(
         data_path=config.data_path,
         img_size=_image_size(config),
@@ -263,6 +272,59 @@ def _criterion(config: TrainConfig, num_classes: int) -> tuple[nn.Module, Mixup 
     if config.smoothing > 0:
         return LabelSmoothingCrossEntropy(config.smoothing), None
     return nn.CrossEntropyLoss(), None
+
+
+def build_training_run(
+    cfg: TrainConfig,
+    info: DistributedInfo,
+    num_classes: int,
+    in_chans: int,
+    steps_per_epoch: int,
+    checkpoint: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+) -> TrainingRun:
+    """Model (DDP-wrapped under torchrun), optimiser, schedule, scaler, EMA, regularisers and
+    loss of a run, restored from ``checkpoint`` (weights, state) if given (RNGs excepted)."""
+    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        cfg.model, num_classes=num_classes, img_size=_image_size(cfg), in_chans=in_chans,
+        drop_path_rate=cfg.drop_path, no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint,
+        **cfg.model_kwargs,
+    ).to(info.device)  # fmt: skip
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    amp_dtype = autocast_dtype(cfg.amp, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
+    state: dict[str, Any] = {"step": 0}
+    if checkpoint is not None:
+        weights, state = checkpoint
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    if info.enabled:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    # EMA copies the model after DDP's broadcast and before the regularisers' hooks.
+    ema = ModelEmaV3(unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    regularizers = build_regularizers(cfg)
+    for reg in regularizers:
+        reg.attach(model)
+    criterion, mixup = _criterion(cfg, num_classes)
+    return TrainingRun(
+        cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,
+        amp_dtype, steps_per_epoch, total_steps, step=state["step"],
+    )  # fmt: skip
 
 
 class RunLog:
@@ -352,59 +414,25 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_NAME)
 
-    train_set, val_set = datasets if datasets is not None else _build_datasets(cfg, info)
+    train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
     train_loader = build_train_loader(
         train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
     )
     val_loader = build_eval_loader(val_set, cfg.batch_size, info, num_workers=cfg.num_workers)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-    # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
-    torch.manual_seed(cfg.seed)
-    model = create_model(
-        cfg.model, num_classes=train_set.num_classes, img_size=_image_size(cfg),
-        in_chans=train_set.in_chans, drop_path_rate=cfg.drop_path,
-        no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint, **cfg.model_kwargs,
-    ).to(info.device)  # fmt: skip
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )  # fmt: skip
-    amp_dtype = autocast_dtype(cfg.amp, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": {}}
+    loaded = None
     if stem is not None:
-        weights, state = load_checkpoint(stem)
+        loaded = load_checkpoint(stem)
+        state = loaded[1]
         if state["global_batch"] != cfg.batch_size * info.world_size:
             raise ValueError(
                 f"{stem} was written with a global batch of {state['global_batch']}; "
                 f"this run has {cfg.batch_size} x {info.world_size} processes"
             )
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-    if info.enabled:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-    # EMA copies the model after DDP's broadcast and before the regularisers' hooks.
-    ema = ModelEmaV3(unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    regularizers = build_regularizers(cfg)
-    for reg in regularizers:
-        reg.attach(model)
-    criterion, mixup = _criterion(cfg, train_set.num_classes)
-    run = TrainingRun(
-        cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,
-        amp_dtype, steps_per_epoch, total_steps, step=state["step"],
-    )  # fmt: skip
+    steps_per_epoch = len(train_loader)
+    run = build_training_run(
+        cfg, info, train_set.num_classes, train_set.in_chans, steps_per_epoch, loaded
+    )
     # Training randomness (dropout, drop path, Mixup) differs per rank, as in DeiT.
     random_seed(cfg.seed, info.rank)
     if stem is not None:
@@ -428,28 +456,28 @@ def _train(
             "epoch": epoch, "batch": batch, "step": run.step, "best": best,
             "elapsed": elapsed + time.perf_counter() - session_start,
             "global_batch": cfg.batch_size * info.world_size,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "ema": None if ema is None else ema.state_dict(),
-            "ranks": ranks,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "ranks": ranks,
+            "ema": None if run.ema is None else run.ema.state_dict(),
         }  # fmt: skip
         save_checkpoint(
-            checkpoint_dir, run.step, unwrap_model(model), payload, cfg.keep_checkpoints
+            checkpoint_dir, run.step, unwrap_model(run.model), payload, cfg.keep_checkpoints
         )
 
     def on_step(epoch: int, batch: int) -> None:
         every = cfg.checkpoint_every
-        if every and run.step % every == 0 and batch < steps_per_epoch:
+        if every and run.step % every == 0 and batch < run.steps_per_epoch:
             save(epoch, batch)
 
     log = RunLog(run_dir, info.is_main, state["epoch"])
     start_batch, val, train_stats = state["batch"], None, {}
     for epoch in range(state["epoch"], cfg.epochs):
-        if run.step >= total_steps:
+        if run.step >= run.total_steps:
             break
         train_loader.sampler.set_position(epoch, start_batch)
         train_stats = train_one_epoch(run, train_loader, epoch, start_batch, on_step)
-        done = run.step >= total_steps or epoch + 1 == cfg.epochs
-        batches = run.step - epoch * steps_per_epoch
+        done = run.step >= run.total_steps or epoch + 1 == cfg.epochs
+        batches = run.step - epoch * run.steps_per_epoch
         val = None
         if done or (epoch + 1) % cfg.eval_every == 0:
             val = _evaluate_all(run, val_loader)
@@ -457,7 +485,7 @@ def _train(
                 best = {"top1": val["top1"], "epoch": epoch, "step": run.step}
         log.append({"epoch": epoch, "step": run.step, **train_stats, **_prefixed(val, "val_")})
         # A max_steps stop mid-epoch is a position that a longer run can resume from.
-        if batches == steps_per_epoch:
+        if batches == run.steps_per_epoch:
             save(epoch + 1, 0)
         else:
             save(epoch, batches)
@@ -472,15 +500,14 @@ def _train(
         "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
         "steps": run.step, "epochs": cfg.epochs, "train_time_s": elapsed,
         **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
-        **({"ema": {k[4:]: v for k, v in val.items() if k.startswith("ema_")}} if ema else {}),
+        **({"ema": {k[4:]: v for k, v in val.items() if k.startswith("ema_")}} if run.ema else {}),
     }  # fmt: skip
     if info.is_main:
-        save_weights(unwrap_model(model), run_dir / WEIGHTS_NAME)
-        if ema is not None:
-            save_weights(ema.module, run_dir / EMA_WEIGHTS_NAME)
-        with open(run_dir / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
-    for reg in regularizers:
+        save_weights(unwrap_model(run.model), run_dir / WEIGHTS_NAME)
+        if run.ema is not None:
+            save_weights(run.ema.module, run_dir / EMA_WEIGHTS_NAME)
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    for reg in run.regularizers:
         reg.remove()
     return metrics
 
