@@ -1,5 +1,7 @@
 """Tests of the training config: YAML + overrides, typing, unknown keys, round trip."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -82,3 +84,17 @@ def test_required_keys_exist():
     required |= {"batch_size", "lr", "seed", "num_workers", "se.weight", "se.schedule"}
     required |= {"no_last_skip", "checkpoint_every"}
     assert required <= set(config_keys())
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load_and_name_real_models_and_datasets(path):
+    import timm
+
+    import spatial_entropy.models  # noqa: F401  (registers the presets)
+    from spatial_entropy.data import dataset_names
+
+    cfg = load_config(path)
+    assert timm.is_model(cfg.model) and cfg.dataset in dataset_names()
