@@ -13,8 +13,9 @@ from spatial_entropy.checkpoint import (
     get_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    preserved_rng,
     save_checkpoint,
-    seeded_rng,
+    seed_all,
     set_rng_state,
 )
 
@@ -33,12 +34,13 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     assert _draws() == expected
 
 
-def test_seeded_rng_is_deterministic_and_restores_the_outer_streams():
+def test_seed_all_is_deterministic_and_preserved_rng_restores_the_outer_streams():
     torch.manual_seed(0)
     outer = get_rng_state()
-    with seeded_rng(7):
+    with preserved_rng():
+        seed_all(7)
         first = _draws()
-    with seeded_rng(7):
+        seed_all(7)
         assert _draws() == first
     after = _draws()
     set_rng_state(outer)

@@ -20,7 +20,8 @@ __all__ = [
     "atomic_write",
     "get_rng_state",
     "set_rng_state",
-    "seeded_rng",
+    "seed_all",
+    "preserved_rng",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -92,24 +93,27 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@contextlib.contextmanager
-def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
-    """Seed Python, NumPy and torch CPU RNGs inside the block; with ``restore``, put the outer
-    states back after it (a DataLoader worker, whose streams nobody else reads, can skip that).
-    """
-    if restore:
-        outer = random.getstate(), np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
+def seed_all(seed: int) -> None:
+    """Seed the Python, NumPy and torch CPU generators (the ones data augmentation draws from)."""
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002
-    # Not torch.manual_seed: it also seeds every accelerator backend, ~100x slower per item.
+    # Not torch.manual_seed: it also seeds every accelerator backend, ~100x slower per call.
     torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng(enabled: bool = True) -> Iterator[None]:
+    """Put the Python, NumPy and torch CPU RNG states back as they were after the block."""
+    if not enabled:
+        yield
+        return
+    outer = random.getstate(), np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
     try:
         yield
     finally:
-        if restore:
-            random.setstate(outer[0])
-            np.random.set_state(outer[1])  # noqa: NPY002
-            torch.set_rng_state(outer[2])
+        random.setstate(outer[0])
+        np.random.set_state(outer[1])  # noqa: NPY002
+        torch.set_rng_state(outer[2])
 
 
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:

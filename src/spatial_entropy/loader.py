@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
-from spatial_entropy.checkpoint import seeded_rng
+from spatial_entropy.checkpoint import preserved_rng, seed_all
 from spatial_entropy.distributed import DistributedInfo
 
 __all__ = ["EpochSeededDataset", "ResumableSampler", "build_train_loader", "build_eval_loader"]
@@ -38,10 +38,17 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        in_worker = get_worker_info() is not None
-        with seeded_rng(sample_seed(self.seed, epoch, index), restore=not in_worker):
-            return self.dataset[index]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        # DataLoader hands over a whole batch: the outer states are saved once per batch, and
+        # not at all in a worker process, whose streams nobody else reads.
+        with preserved_rng(enabled=get_worker_info() is None):
+            items = []
+            for epoch, index in keys:
+                seed_all(sample_seed(self.seed, epoch, index))
+                items.append(self.dataset[index])
+        return items
 
 
 class ResumableSampler(DistributedSampler):
