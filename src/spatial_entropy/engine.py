@@ -518,7 +518,8 @@ def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float 
 
 
 def _evaluate_all(run: TrainingRun, loader: DataLoader) -> dict[str, float]:
-    metrics = evaluate(run.model, loader, run.info.device, run.amp_dtype)
+    # The bare model: ranks may hold shards of different lengths, and DDP's forward may sync.
+    metrics = evaluate(unwrap_model(run.model), loader, run.info.device, run.amp_dtype)
     if run.ema is not None:
         ema_metrics = evaluate(run.ema.module, loader, run.info.device, run.amp_dtype)
         metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
