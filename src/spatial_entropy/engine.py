@@ -30,12 +30,11 @@ from spatial_entropy.checkpoint import (
     get_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
     save_checkpoint,
     save_weights,
     set_rng_state,
 )
-from spatial_entropy.config import TrainConfig, load_config, save_config
+from spatial_entropy.config import TrainConfig, save_config
 from spatial_entropy.data import build_dataset
 from spatial_entropy.distributed import (
     DistributedInfo,
@@ -45,6 +44,7 @@ from spatial_entropy.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from spatial_entropy.evaluation import load_run
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
@@ -534,34 +534,20 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a finished run's weights (or ``checkpoint``) on ``split`` of its dataset.
 
-    The model and data come from ``RUN_DIR/config.yaml``; ``checkpoint`` is a
-    ``.safetensors`` file or a training checkpoint (``checkpoints/step_*.pt``). Writes
-    ``RUN_DIR/eval.json`` and returns the metrics (``top1``, ``top5`` in percent, ``loss``).
+    The model and data come from ``RUN_DIR/config.yaml`` (see ``evaluation.load_run``);
+    ``checkpoint`` is a ``.safetensors`` file or a training checkpoint
+    (``checkpoints/step_*.pt``). Writes ``RUN_DIR/eval.json`` and returns the metrics
+    (``top1``, ``top5`` in percent, ``loss``, ``images``).
     """
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / CONFIG_NAME)
-    weights_path = Path(checkpoint) if checkpoint is not None else run_dir / WEIGHTS_NAME
-    if weights_path.suffix == ".pt":
-        weights_path = weights_path.with_suffix(".safetensors")
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"no weights at {weights_path}; has the run finished?")
+    model, dataset, cfg = load_run(run_dir, split, checkpoint=checkpoint, with_masks=False)
     info = init_distributed(device)
     try:
-        dataset = build_dataset(
-            cfg.dataset, split, data_path=cfg.data_path, img_size=_image_size(cfg),
-            is_train=False, seed=cfg.seed, options=cfg.data_options or None,
-        )  # fmt: skip
-        model = create_model(
-            cfg.model, num_classes=dataset.num_classes, img_size=_image_size(cfg),
-            in_chans=dataset.in_chans, no_last_skip=cfg.no_last_skip, **cfg.model_kwargs,
-        )  # fmt: skip
-        model.load_state_dict(load_weights(weights_path))
         loader = build_eval_loader(dataset, cfg.batch_size, info, num_workers=cfg.num_workers)
-        metrics = evaluate(model.to(info.device), loader, info.device)
+        metrics: dict[str, Any] = evaluate(model.to(info.device), loader, info.device)
     finally:
         cleanup_distributed()
-    metrics |= {"split": split, "checkpoint": str(weights_path)}
+    weights = checkpoint if checkpoint is not None else Path(run_dir) / WEIGHTS_NAME
+    metrics |= {"split": split, "checkpoint": str(weights)}
     if info.is_main:
-        with open(run_dir / "eval.json", "w") as f:
-            json.dump(metrics, f, indent=2)
+        atomic_write(Path(run_dir) / "eval.json", json.dumps(metrics, indent=2).encode())
     return metrics
