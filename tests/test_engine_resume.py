@@ -92,5 +92,7 @@ def test_killed_and_resumed_run_equals_unbroken_run(tmp_path):
 def _log_without_timings(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and {"train_loss", "train_se", "val_top1"} <= rows[0].keys()
+    assert (
+        len(rows) == 3 and {"train_loss", "train_se", "val_top1", "val_ema_top1"} <= rows[0].keys()
+    )
     return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in rows]

@@ -483,7 +483,11 @@ def _train(
             val = _evaluate_all(run, val_loader)
             if val["top1"] > best.get("top1", -1.0):
                 best = {"top1": val["top1"], "epoch": epoch, "step": run.step}
-        log.append({"epoch": epoch, "step": run.step, **train_stats, **_prefixed(val, "val_")})
+        row = {"epoch": epoch, "step": run.step, **train_stats, **_prefixed(val, "val_")}
+        if run.ema is not None:
+            ema_val = None if val is None else {k[4:]: v for k, v in val.items() if k[:4] == "ema_"}
+            row |= _prefixed(ema_val, "val_ema_")
+        log.append(row)
         # A max_steps stop mid-epoch is a position that a longer run can resume from.
         if batches == run.steps_per_epoch:
             save(epoch + 1, 0)
