@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.components import label_components, reference_label_components
+from spatial_entropy.config import TrainConfig, load_config
 from spatial_entropy.data import (
     DatasetError,
     build_dataset,
@@ -11,6 +12,7 @@ from spatial_entropy.data import (
     generate_cluttered,
     stratified_subset,
 )
+from spatial_entropy.engine import evaluate, evaluate_run, train
 from spatial_entropy.entropy import (
     SpatialEntropyLoss,
     reference_spatial_entropy,
@@ -25,3 +27,4 @@ from spatial_entropy.evaluation import (
     map_statistics,
 )
 from spatial_entropy.models import create_model, load_checkpoint_into, remove_last_skip
+from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def train_one_epoch(
     loader: DataLoader,
     epoch: int,
     start_batch: int = 0,
-    on_step: Any = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Train until the loader is exhausted or ``run.total_steps`` is reached.
 
