@@ -193,3 +193,9 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, tiny):
     for key in before:
         if not key.startswith("pos_embed"):
             assert torch.equal(before[key], after[key]), key
+
+
+def test_diverging_run_stops_with_a_clear_error(tmp_path, tiny):
+    items = [*tiny, "lr=.inf", "warmup_epochs=0", "mixup=0", "cutmix=0"]
+    with pytest.raises(FloatingPointError, match="training loss is nan"):
+        main(["train", "--output", str(tmp_path / "run"), *_sets(items)])

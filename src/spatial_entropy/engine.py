@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,11 @@ def train_one_epoch(
     )
     count = max(totals.pop("batches", 0.0), 1.0)
     stats = {f"train_{k}": v / count for k, v in totals.items()}
+    if not math.isfinite(stats["train_loss"]):  # every rank sees the reduced value and stops
+        raise FloatingPointError(
+            f"training loss is {stats['train_loss']} in epoch {epoch} (step {run.step}); "
+            "lower lr, set clip_grad or amp=off"
+        )
     stats |= current | {"lr": run.optimizer.param_groups[0]["lr"]}
     stats["images_per_s"] = batches * cfg.batch_size * run.info.world_size / max(elapsed, 1e-9)
     stats["epoch_time_s"] = elapsed
