@@ -14,7 +14,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SpatialEntropyConfig", "TrainConfig", "load_config", "save_config", "config_keys"]
+__all__ = [
+    "SpatialEntropyConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+    "config_keys",
+    "parse_override",
+]
 
 
 @dataclass
@@ -162,7 +169,8 @@ def _unknown_key_error(key: str, valid: Sequence[str]) -> ValueError:
     return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split a ``key=value`` item into the key and its YAML-typed value (empty value: None)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set expects key=value, got {item!r}")
@@ -191,7 +199,7 @@ def load_config(
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded)}")
         flat |= _flatten(loaded)
     flat |= _flatten(values or {})
-    flat |= dict(_parse_override(item) for item in overrides)
+    flat |= dict(parse_override(item) for item in overrides)
 
     types_by_key = _fields(TrainConfig)
     nested: dict[str, Any] = {}

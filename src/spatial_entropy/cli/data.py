@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from spatial_entropy.config import _parse_override
+from spatial_entropy.config import parse_override
 
 PROG = "spatial-entropy data info"
 
@@ -55,7 +55,7 @@ def run_info(args: argparse.Namespace) -> int:
     from spatial_entropy.data import build_dataset
 
     try:
-        options = dict(_parse_override(item) for item in args.options)
+        options = dict(parse_override(item) for item in args.options)
         dataset = build_dataset(
             args.name,
             args.split,
