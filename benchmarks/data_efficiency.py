@@ -17,8 +17,9 @@ regions per map. ``--lambda-study`` adds constant λ in {0.001, 0.01, 0.1, 1} at
 
 Outputs (under ``--out-dir``, default benchmarks/results/): ``data_efficiency.md`` (mean ± std
 tables), ``data_efficiency.png`` (top-1 and Jaccard against n per arm), ``data_efficiency.json``
-(every run). Resumable: finished runs are read back, interrupted ones continue from their
-latest checkpoint.
+(every run). They cover every finished run in the work directory, so sizes may be run by
+separate invocations (e.g. one per core with ``--threads 1``). Resumable: finished runs are read
+back, interrupted ones continue from their latest checkpoint (epoch ends).
 
     python benchmarks/data_efficiency.py --quick                 # < 15 min on two CPU cores
     python benchmarks/data_efficiency.py                         # the full benchmark
@@ -273,6 +274,9 @@ def main() -> None:
               f"{r['top1']:.1f}, Jaccard {r['jaccard']:.3f}, SE {r['se_mean']:.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     elapsed = time.perf_counter() - start
+    # Report every finished run of this work directory, so invocations that ran different
+    # sizes (in turn or side by side) add up to one table.
+    results = [json.loads(p.read_text()) for p in sorted(work_dir.glob("*/*/seed*/result.json"))]
 
     report = tables(results)
     print(report)
