@@ -42,6 +42,12 @@ def test_dict_fields_pass_their_keys_through():
     assert cfg.data_options == {"n_clutter": 2} and cfg.model_kwargs == {"depth": 2}
 
 
+def test_image_size_is_the_config_value_else_the_model_default():
+    assert load_config(overrides=["img_size=48"]).image_size() == 48
+    assert load_config(overrides=["model=vit_small_patch16_224"]).image_size() == 224
+    assert load_config(overrides=["model=se_vit_tiny_patch4_32"]).image_size() == 32
+
+
 def test_null_overrides():
     assert load_config(overrides=["max_steps=null", "auto_augment="]).auto_augment is None
 

@@ -112,6 +112,17 @@ class TrainConfig:
         if self.se.weight < 0:
             raise ValueError(f"config key 'se.weight' must be >= 0, got {self.se.weight}")
 
+    def image_size(self) -> int | None:
+        """Input side in pixels: ``img_size``, else the model's default input size from timm's
+        pretrained config (None when it has none, leaving the model's own default)."""
+        if self.img_size is not None:
+            return self.img_size
+        # Imported here so that reading a config (and `spatial-entropy --help`) skips timm.
+        from timm.models import get_pretrained_cfg_value
+
+        input_size = get_pretrained_cfg_value(self.model, "input_size")
+        return None if input_size is None else input_size[-1]
+
 
 def _fields(cls: type) -> dict[str, Any]:
     """Dotted key -> type for every leaf field of a (nested) config dataclass."""

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.scheduler_factory import create_scheduler_v2
@@ -232,18 +231,11 @@ def evaluate(
             "images": int(count)}  # fmt: skip
 
 
-def _image_size(config: TrainConfig) -> int | None:
-    if config.img_size is not None:
-        return config.img_size
-    input_size = get_pretrained_cfg_value(config.model, "input_size")
-    return None if input_size is None else input_size[-1]
-
-
 def build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset, Dataset]:
     """The (train, validation) datasets of a config, with its augmentation recipe."""
     common = dict(
         data_path=config.data_path,
-        img_size=_image_size(config),
+        img_size=config.image_size(),
         seed=config.seed,
         options=config.data_options or None,
     )
@@ -296,7 +288,7 @@ def build_training_run(
     # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.seed)
     model = create_model(
-        cfg.model, num_classes=num_classes, img_size=_image_size(cfg), in_chans=in_chans,
+        cfg.model, num_classes=num_classes, img_size=cfg.image_size(), in_chans=in_chans,
         drop_path_rate=cfg.drop_path, no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint,
         **cfg.model_kwargs,
     ).to(info.device)  # fmt: skip

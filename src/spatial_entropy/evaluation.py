@@ -378,7 +378,7 @@ def load_run(
         ``(model, dataset, config)``, the model in eval mode on the CPU.
     """
     # The engine imports this module for its statistics, so its names are imported here.
-    from spatial_entropy.engine import CONFIG_NAME, WEIGHTS_NAME, _image_size
+    from spatial_entropy.engine import CONFIG_NAME, WEIGHTS_NAME
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / CONFIG_NAME)
@@ -392,7 +392,7 @@ def load_run(
         config.dataset,
         split,
         data_path=config.data_path,
-        img_size=_image_size(config),
+        img_size=config.image_size(),
         is_train=False,
         seed=config.seed,
         with_masks=masks,
@@ -401,7 +401,7 @@ def load_run(
     model = create_model(
         config.model,
         num_classes=dataset.num_classes,
-        img_size=_image_size(config),
+        img_size=config.image_size(),
         in_chans=dataset.in_chans,
         no_last_skip=config.no_last_skip,
         checkpoint=weights,
