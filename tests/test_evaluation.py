@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.checkpoint import save_weights
+from spatial_entropy.config import load_config, save_config
 from spatial_entropy.evaluation import (
     AttentionStatistics,
     attention_jaccard,
     attention_masks,
     evaluate_attention,
     jaccard_index,
+    load_run,
     map_statistics,
     object_masks,
 )
@@ -227,3 +230,29 @@ def test_evaluate_attention_matches_the_functions():
 
     unmasked = evaluate_attention(model, [(images, torch.zeros(4))], max_batches=1)
     assert "jaccard" not in unmasked
+
+
+def test_load_run_loads_its_own_weights_strictly(tmp_path):
+    config = load_config(
+        values={
+            "model": "se_vit_tiny_patch4_32",
+            "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+            "dataset": "cluttered-fashion",
+            "data_options": {"test_size": 2, "cache_dir": str(tmp_path / "cache")},
+        }
+    )
+    save_config(config, tmp_path / "config.yaml")
+    kwargs = dict(in_chans=1, **config.model_kwargs)
+    torch.manual_seed(0)
+    trained = create_model(config.model, num_classes=10, **kwargs)
+    save_weights(trained, tmp_path / "model.safetensors")
+    model, dataset, _ = load_run(tmp_path, with_masks=False)
+    assert dataset.num_classes == 10
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    # Weights with another class count: an error, not a silently re-initialised head.
+    other_task = create_model(config.model, num_classes=7, **kwargs)
+    save_weights(other_task, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"10 classes.*head.weight: checkpoint \(7, 32\)"):
+        load_run(tmp_path, with_masks=False)

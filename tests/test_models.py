@@ -220,6 +220,20 @@ def test_fine_tuning_resamples_pos_embed_and_replaces_the_head() -> None:
     torch.testing.assert_close(model.pos_embed, expected)
 
 
+def test_strict_loading_adapts_nothing() -> None:
+    source = randomized(create_model("se_vit_tiny_patch4_32", num_classes=10, depth=1))
+    own = create_model("se_vit_tiny_patch4_32", num_classes=10, depth=1)
+    load_checkpoint_into(own, source.state_dict(), strict=True)
+    assert_same_weights(own, source.state_dict())
+    for other in (
+        create_model("se_vit_tiny_patch4_32", num_classes=3, depth=1),
+        create_model("se_vit_tiny_patch4_32", num_classes=10, depth=1, img_size=48),
+        create_model("se_vit_tiny_patch4_32", num_classes=10, depth=1, in_chans=1),
+    ):
+        with pytest.raises(ValueError, match="size mismatches"):
+            load_checkpoint_into(other, source.state_dict(), strict=True)
+
+
 def test_distilled_heads_are_both_replaced() -> None:
     source = randomized(create_model("deit_tiny_distilled_patch16_224", num_classes=10, depth=1))
     model = create_model("deit_tiny_distilled_patch16_224", num_classes=4, depth=1)

@@ -20,7 +20,7 @@ from spatial_entropy.config import TrainConfig, load_config
 from spatial_entropy.data import build_dataset
 from spatial_entropy.data.registry import dataset_class
 from spatial_entropy.entropy import spatial_entropy
-from spatial_entropy.models import create_model
+from spatial_entropy.models import create_model, load_checkpoint_into
 
 __all__ = [
     "VOID_LABEL",
@@ -376,6 +376,11 @@ def load_run(
 
     Returns:
         ``(model, dataset, config)``, the model in eval mode on the CPU.
+
+    Raises:
+        FileNotFoundError: the run has no weights (yet) or ``checkpoint`` does not exist.
+        ValueError: the weights do not fit the model exactly, e.g. a classifier for another
+            number of classes than the split has (nothing is adapted or re-initialised).
     """
     # The engine imports this module for its statistics, so its names are imported here.
     from spatial_entropy.engine import CONFIG_NAME, WEIGHTS_NAME
@@ -404,9 +409,17 @@ def load_run(
         img_size=config.image_size(),
         in_chans=dataset.in_chans,
         no_last_skip=config.no_last_skip,
-        checkpoint=weights,
         **config.model_kwargs,
     )
+    try:
+        # Strict: a run's own weights fit exactly; a new head would evaluate random weights.
+        load_checkpoint_into(model, weights, strict=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"{weights} does not fit the model that {run_dir / CONFIG_NAME} describes for "
+            f"split {split!r} ({dataset.num_classes} classes, {dataset.in_chans} input "
+            f"channels): {exc}"
+        ) from exc
     return model.eval(), dataset, config
 
 

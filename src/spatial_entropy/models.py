@@ -232,7 +232,10 @@ def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> di
 
 
 def load_checkpoint_into(
-    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Tensor]
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    strict: bool = False,
 ) -> nn.Module:
     """Load local weights into a timm ViT, adapting them where fine-tuning needs it.
 
@@ -250,9 +253,13 @@ def load_checkpoint_into(
       model keeps its freshly initialised head (fine-tuning to another class count);
     - a standard checkpoint fits a ``no_last_skip`` model (its last ``norm2`` is dropped).
 
+    With ``strict`` none of this happens: the weights must be the model's own, every key and
+    shape equal (evaluating a run, where a silently new head would be a wrong answer).
+
     Args:
         model: a timm ``VisionTransformer`` (DDP wrappers are unwrapped).
         checkpoint: path or state dict.
+        strict: load the weights as they are, without adapting them.
 
     Returns:
         The same model.
@@ -263,9 +270,34 @@ def load_checkpoint_into(
             key. The model is left untouched.
     """
     vit = unwrap_model(model)
-    state_dict = checkpoint_filter_fn(_read_state_dict(checkpoint), vit)
+    state_dict = _read_state_dict(checkpoint)
     own = vit.state_dict()
+    skipped_head: set[str] = set()
+    if not strict:
+        state_dict, skipped_head = _adapt_for_fine_tuning(vit, state_dict, own)
 
+    missing = sorted(own.keys() - state_dict.keys() - skipped_head)
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"checkpoint does not fit {type(vit).__name__}: missing keys {missing}; "
+            f"unexpected keys {unexpected}; size mismatches {mismatched}"
+        )
+    vit.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def _adapt_for_fine_tuning(
+    vit: nn.Module, state_dict: dict[str, Tensor], own: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], set[str]]:
+    """The adaptations of :func:`load_checkpoint_into`; returns the state dict and the
+    classifier keys left out because their shape differs."""
+    state_dict = checkpoint_filter_fn(state_dict, vit)
     for name, module in vit.named_modules():
         if isinstance(module, NoSkipAttentionBlock):
             norm2 = f"{name}.norm2."
@@ -285,18 +317,4 @@ def load_checkpoint_into(
     if skipped_head:
         _logger.info("classifier shape differs; keeping a new head (%s)", sorted(skipped_head))
         state_dict = {k: v for k, v in state_dict.items() if k not in skipped_head}
-
-    missing = sorted(own.keys() - state_dict.keys() - skipped_head)
-    unexpected = sorted(state_dict.keys() - own.keys())
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"checkpoint does not fit {type(vit).__name__}: missing keys {missing}; "
-            f"unexpected keys {unexpected}; size mismatches {mismatched}"
-        )
-    vit.load_state_dict(state_dict, strict=False)
-    return model
+    return state_dict, skipped_head
