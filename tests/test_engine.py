@@ -1,6 +1,7 @@
 """Tests of the training engine's pieces: resumable sampling, the regulariser, evaluation,
 the train/evaluate commands and fine-tuning."""
 
+import csv
 import json
 
 import numpy as np
@@ -16,9 +17,10 @@ from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.cli import main
 from spatial_entropy.config import load_config
 from spatial_entropy.distributed import DistributedInfo
-from spatial_entropy.engine import build_regularizers, evaluate
-from spatial_entropy.entropy import reference_spatial_entropy
+from spatial_entropy.engine import build_regularizers, evaluate, train
+from spatial_entropy.entropy import reference_spatial_entropy, spatial_entropy
 from spatial_entropy.loader import EpochSeededDataset, ResumableSampler, build_train_loader
+from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
 
 
@@ -199,3 +201,39 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path, tiny):
     items = [*tiny, "lr=.inf", "warmup_epochs=0", "mixup=0", "cutmix=0"]
     with pytest.raises(FloatingPointError, match="training loss is nan"):
         main(["train", "--output", str(tmp_path / "run"), *_sets(items)])
+
+
+class _Images(TensorDataset):
+    num_classes, in_chans = 3, 1
+
+
+def test_validation_spatial_entropy_is_logged_per_epoch(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n):
+        return _Images(torch.randn(n, 1, 16, 16, generator=generator), torch.arange(n) % 3)
+
+    val_set = images(7)  # batches of 4 and 3: a mean of batch means would be off
+    model_kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    recipe = dict(epochs=2, batch_size=4, num_workers=0, mixup=0, cutmix=0, model_ema=True)
+    vit = dict(model="se_vit_tiny_patch4_32", model_kwargs=model_kwargs, img_size=16)
+    config = load_config(values=dict(model_ema_decay=0.5, se={"weight": 0.1}, **vit, **recipe))
+    metrics = train(config, tmp_path, datasets=(images(8), val_set))
+
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(row["val_se_mean"] and row["val_ema_se_mean"] for row in rows)
+    for weights, prefix in (("model.safetensors", "val_"), ("model_ema.safetensors", "val_ema_")):
+        model = create_model(
+            config.model, num_classes=3, img_size=16, in_chans=1,
+            checkpoint=tmp_path / weights, **model_kwargs,
+        ).eval()  # fmt: skip
+        with torch.no_grad(), AttentionCapture(model) as capture:
+            model(val_set.tensors[0])
+        expected = spatial_entropy(capture.logits, capture.grid_shape).mean().item()
+        assert float(rows[-1][f"{prefix}se_mean"]) == pytest.approx(expected, rel=1e-5), weights
+        regions = float(rows[-1][f"{prefix}regions_mean"])
+        share = float(rows[-1][f"{prefix}single_region_share"])
+        assert regions >= 1 - share and 0 <= share <= 1
+    assert metrics["se_mean"] == pytest.approx(float(rows[-1]["val_se_mean"]), rel=1e-9)
+    assert json.loads((tmp_path / "metrics.json").read_text())["se_mean"] == metrics["se_mean"]

@@ -194,6 +194,25 @@ class TestStatistics:
         with pytest.raises(RuntimeError, match="update"):
             stats.compute()
 
+    def test_shards_combine_through_their_sums(self):
+        maps = [blobs(4), blobs(0, 8), blobs(), blobs(0, 1), blobs(0, 8), blobs(0, 1, 8)]
+        logits = torch.stack(maps).reshape(3, 2, 9)
+        whole = AttentionStatistics()
+        whole.update(logits, (3, 3))
+        shards = [AttentionStatistics(num_heads=2) for _ in range(3)]
+        shards[0].update(logits[:1], (3, 3))
+        shards[1].update(logits[1:], (3, 3))  # shards[2] stays empty, as a rank may
+        collected = []  # what an all-reduce would sum: every shard's sums
+        for shard in shards[:2]:
+            shard.compute(reduce=lambda sums: collected.append(sums) or sums)
+        with pytest.raises(RuntimeError, match="update"):
+            shards[2].compute()
+        combined = shards[2].compute(reduce=lambda sums: sums + sum(collected))
+        expected = whole.compute()
+        assert combined.keys() == expected.keys()
+        for key, value in expected.items():
+            assert combined[key] == pytest.approx(value), key
+
     def test_jaccard_averages_over_images_with_objects(self):
         stats = AttentionStatistics()
         logits = torch.zeros(3, 1, 4)

@@ -35,6 +35,9 @@ class AttentionCapture:
     Args:
         model: a timm Vision Transformer with a class token.
 
+    Attributes:
+        num_heads: heads of the last block, the maps per image.
+
     Attributes (after a forward pass):
         logits: ``(B, heads, gh * gw)`` pre-softmax [CLS]-query logits over the patch keys
             (prefix tokens excluded), row-major over the grid, float32 (float64 for a float64
@@ -77,6 +80,7 @@ class AttentionCapture:
 
         self._attn: Attention = blocks[-1].attn
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.num_heads: int = self._attn.num_heads
         self._cls_scores: Tensor | None = None
         self._grid_shape: tuple[int, int] | None = None
         self._handles: list[RemovableHandle] = [

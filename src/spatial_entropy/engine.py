@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from spatial_entropy.attention import unwrap_model
+from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.checkpoint import (
     atomic_write,
     get_rng_state,
@@ -45,7 +45,7 @@ from spatial_entropy.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from spatial_entropy.evaluation import load_run
+from spatial_entropy.evaluation import AttentionStatistics, load_run
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
@@ -199,36 +199,71 @@ def train_one_epoch(
     return stats
 
 
+ATTENTION_KEYS = ("se_mean", "regions_mean", "single_region_share")
+"""The attention statistics that :func:`evaluate` adds with ``attention=True``."""
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    *,
+    attention: bool = False,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
 
-    Under torchrun each rank passes its shard (see ``build_eval_loader``); sums are reduced
-    over ranks, so every rank returns the metrics of the whole set.
+    With ``attention``, also the spatial-entropy statistics of the last block's [CLS] attention
+    maps (``se_mean``, ``regions_mean``, ``single_region_share``; see
+    ``evaluation.AttentionStatistics``), captured with hooks that are removed afterwards; the
+    model must be a timm ViT with a [CLS] token. Under torchrun each rank passes its shard (see
+    ``build_eval_loader``); sums are reduced over ranks, so every rank returns the metrics of
+    the whole set.
     """
     model.eval()
+    capture = AttentionCapture(model) if attention else None
+    statistics = None
+    if capture is not None:
+        statistics = AttentionStatistics(num_heads=capture.num_heads, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    for images, targets, *_ in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(images)
-        output = output.float()
-        top1, top5 = accuracy(output, targets, topk=(1, min(5, output.shape[-1])))
-        batch = targets.shape[0]
-        loss = F.cross_entropy(output, targets, reduction="sum")
-        correct = torch.stack([top1, top5]).double() * batch / 100
-        sums += torch.cat([loss.double()[None], correct, sums.new_tensor([batch])])
+    try:
+        for images, targets, *_ in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+            output = output.float()
+            top1, top5 = accuracy(output, targets, topk=(1, min(5, output.shape[-1])))
+            batch = targets.shape[0]
+            loss = F.cross_entropy(output, targets, reduction="sum")
+            correct = torch.stack([top1, top5]).double() * batch / 100
+            sums += torch.cat([loss.double()[None], correct, sums.new_tensor([batch])])
+            if statistics is not None:
+                statistics.update(capture.logits, capture.grid_shape)
+    finally:
+        if capture is not None:
+            capture.remove()
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
     if count == 0:
         raise ValueError("evaluation set is empty")
-    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count,
-            "images": int(count)}  # fmt: skip
+    metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count,
+               "images": int(count)}  # fmt: skip
+    if statistics is not None:
+        # Sums of every rank's shard, not a mean of the ranks' means (shards differ in size).
+        attention_stats = statistics.compute(reduce=all_reduce_sum)
+        metrics |= {key: attention_stats[key] for key in ATTENTION_KEYS}
+    return metrics
+
+
+def _has_cls_attention(model: nn.Module) -> bool:
+    """Whether :class:`AttentionCapture` can read ``model``'s [CLS] attention (a timm ViT with a
+    class token), so that evaluation can add the attention statistics."""
+    try:
+        AttentionCapture(model).remove()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset, Dataset]:
@@ -350,7 +385,10 @@ class RunLog:
     def _write(self) -> None:
         text = io.StringIO()
         if self.rows:
-            writer = csv.DictWriter(text, fieldnames=list(self.rows[0]), restval="")
+            # Columns in order of first appearance: a run resumed by a newer version keeps its
+            # earlier rows and gains the new columns (empty in those rows).
+            columns = list(dict.fromkeys(key for row in self.rows for key in row))
+            writer = csv.DictWriter(text, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(self.rows)
         atomic_write(self.path, text.getvalue().encode())
@@ -516,15 +554,17 @@ def _train(
 
 
 def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float | None]:
-    keys = ("top1", "top5", "loss")
-    return {f"{prefix}{k}": None if metrics is None else metrics[k] for k in keys}
+    keys = ("top1", "top5", "loss", *ATTENTION_KEYS)
+    return {f"{prefix}{k}": None if metrics is None else metrics.get(k) for k in keys}
 
 
 def _evaluate_all(run: TrainingRun, loader: DataLoader) -> dict[str, float]:
     # The bare model: ranks may hold shards of different lengths, and DDP's forward may sync.
-    metrics = evaluate(unwrap_model(run.model), loader, run.info.device, run.amp_dtype)
+    model = unwrap_model(run.model)
+    device, attention = run.info.device, _has_cls_attention(model)
+    metrics = evaluate(model, loader, device, run.amp_dtype, attention=attention)
     if run.ema is not None:
-        ema_metrics = evaluate(run.ema.module, loader, run.info.device, run.amp_dtype)
+        ema_metrics = evaluate(run.ema.module, loader, device, run.amp_dtype, attention=attention)
         metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
     return metrics
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +235,15 @@ class AttentionStatistics:
 
     Call :meth:`update` after each forward pass (with the captured [CLS] logits, and with the
     post-softmax attention and masks when the data has object masks), then :meth:`compute`.
-    The engine uses it to log per-epoch statistics of training or validation batches.
+    Only sums are kept (on the device of the logits), so shards evaluated on several processes
+    combine exactly: pass a cross-process sum to :meth:`compute` (the engine does, to log
+    per-epoch statistics of the validation set under torchrun).
 
     Args:
         mass: share of the attention mass kept for the Jaccard.
+        num_heads: maps per image; given, the sums exist before the first batch (a process
+            with an empty shard can then join the sum), else they are sized by it.
+        device: where the sums live when ``num_heads`` is given (default CPU).
 
     Example:
         >>> stats = AttentionStatistics()
@@ -249,12 +254,24 @@ class AttentionStatistics:
         1.0
     """
 
-    def __init__(self, mass: float = 0.6) -> None:
+    # Layout of the sums: these scalars, then per head: entropy, regions, one-region maps and
+    # the Jaccard of the images with objects.
+    _SCALARS = ("images", "masked_images", "jaccard", "jaccard_images")
+
+    def __init__(
+        self,
+        mass: float = 0.6,
+        *,
+        num_heads: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.mass = mass
-        self._entropy: list[Tensor] = []
-        self._regions: list[Tensor] = []
-        self._jaccard: list[Tensor] = []
-        self._jaccard_per_head: list[Tensor] = []
+        self.num_heads = num_heads
+        self.device = device
+        self.reset()
+
+    def _zeros(self, heads: int, device: torch.device | str | None) -> Tensor:
+        return torch.zeros(len(self._SCALARS) + 4 * heads, dtype=torch.float64, device=device)
 
     def update(
         self,
@@ -265,22 +282,45 @@ class AttentionStatistics:
     ) -> None:
         """Add a batch: ``logits`` and ``attention`` ``(B, heads, N)``, ``masks`` ``(B, H, W)``."""
         entropy, regions = map_statistics(logits, grid_shape)
-        self._entropy.append(entropy.float().cpu())
-        self._regions.append(regions.cpu())
+        batch, heads = entropy.shape
+        if self._sums is None:
+            self._sums = self._zeros(heads, entropy.device)
+        expected = (self._sums.numel() - len(self._SCALARS)) // 4
+        if heads != expected:
+            raise ValueError(f"Expected {expected} heads, as in the earlier batches, got {heads}")
+        scalars = [batch, 0, 0.0, 0]
+        jaccard_per_head = torch.zeros(heads, dtype=torch.float64)
         if masks is not None:
             if attention is None:
                 raise ValueError("the Jaccard needs the post-softmax attention with the masks")
             scores, per_head = attention_jaccard(attention, grid_shape, masks, mass=self.mass)
-            self._jaccard.append(scores)
-            self._jaccard_per_head.append(per_head)
+            scored = ~scores.isnan()
+            scalars[1:] = [batch, scores[scored].sum().item(), int(scored.sum())]
+            jaccard_per_head = per_head[scored].sum(dim=0)
+        device = self._sums.device
+        self._sums += torch.cat(
+            [
+                torch.tensor(scalars, dtype=torch.float64).to(device),
+                entropy.sum(dim=0, dtype=torch.float64).to(device),
+                regions.sum(dim=0, dtype=torch.float64).to(device),
+                (regions == 1).sum(dim=0, dtype=torch.float64).to(device),
+                jaccard_per_head.to(device),
+            ]
+        )
 
     def reset(self) -> None:
         """Forget every batch (e.g. at the start of an epoch)."""
-        for values in (self._entropy, self._regions, self._jaccard, self._jaccard_per_head):
-            values.clear()
+        self._sums = None if self.num_heads is None else self._zeros(self.num_heads, self.device)
 
-    def compute(self) -> dict[str, float | int | list[float]]:
+    def compute(
+        self, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float | int | list[float]]:
         """Statistics of all batches since the last :meth:`reset`.
+
+        Args:
+            reduce: applied to the running sums (one float64 tensor) before the means are
+                taken, e.g. ``spatial_entropy.distributed.all_reduce_sum`` to combine the
+                shards of all processes; collective then, every process calls it.
 
         Returns:
             ``se_mean`` (mean spatial entropy over maps), ``se_per_head``, ``regions_mean``
@@ -289,25 +329,29 @@ class AttentionStatistics:
             also ``jaccard`` (mean over images with objects), ``jaccard_per_head`` and
             ``jaccard_images`` (number of images with objects).
         """
-        if not self._entropy:
+        sums = self._sums
+        if sums is not None and reduce is not None:
+            sums = reduce(sums)
+        if sums is None or sums[0] == 0:
             raise RuntimeError("no batch was added; call update() first")
-        entropy = torch.cat(self._entropy)
-        regions = torch.cat(self._regions).to(torch.float64)
+        sums = sums.cpu()
+        scalars = dict(zip(self._SCALARS, sums[: len(self._SCALARS)].tolist(), strict=True))
+        entropy, regions, single, jaccard = sums[len(self._SCALARS) :].view(4, -1)
+        images = scalars["images"]
+        maps = images * entropy.numel()
         result: dict[str, float | int | list[float]] = {
-            "se_mean": entropy.mean().item(),
-            "se_per_head": entropy.mean(dim=0).tolist(),
-            "regions_mean": regions.mean().item(),
-            "regions_per_head": regions.mean(dim=0).tolist(),
-            "single_region_share": (regions == 1).to(torch.float64).mean().item(),
-            "images": entropy.shape[0],
+            "se_mean": entropy.sum().item() / maps,
+            "se_per_head": (entropy / images).tolist(),
+            "regions_mean": regions.sum().item() / maps,
+            "regions_per_head": (regions / images).tolist(),
+            "single_region_share": single.sum().item() / maps,
+            "images": int(images),
         }
-        if self._jaccard:
-            scores = torch.cat(self._jaccard)
-            per_head = torch.cat(self._jaccard_per_head)
-            scored = ~scores.isnan()
-            result["jaccard"] = scores[scored].mean().item() if scored.any() else math.nan
-            result["jaccard_per_head"] = per_head[scored].mean(dim=0).tolist()
-            result["jaccard_images"] = int(scored.sum())
+        if scalars["masked_images"]:
+            scored = scalars["jaccard_images"]
+            result["jaccard"] = scalars["jaccard"] / scored if scored else math.nan
+            result["jaccard_per_head"] = (jaccard / scored).tolist()
+            result["jaccard_images"] = int(scored)
         return result
 
 
