@@ -99,3 +99,11 @@ def test_training_figure_reports_missing_columns():
     assert "not logged" in fig.axes[2].texts[0].get_text()
     with pytest.raises(ValueError, match="'epoch'"):
         training_figure({"run": {"train_loss": np.ones(2)}})
+
+
+def test_run_names_are_the_shortest_distinguishing_suffixes(tmp_path) -> None:
+    from spatial_entropy.visualize import run_names
+
+    paths = [tmp_path / "n50" / "baseline" / "seed1", tmp_path / "n50" / "se" / "seed1"]
+    assert run_names(paths + [tmp_path / "demo"]) == ["baseline/seed1", "se/seed1", "demo"]
+    assert run_names([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]

@@ -268,8 +268,23 @@ def _folder_images(folder: Path, transform, in_chans: int) -> tuple[Tensor, list
     return torch.stack(images), [path.name for path in files]
 
 
-def _run_name(run_dir: Path, weight: float) -> str:
-    return f"{run_dir.name} (SE {weight:g})" if weight > 0 else f"{run_dir.name} (no SE)"
+def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Short names for runs: the fewest trailing path parts that tell them all apart.
+
+    Example:
+        >>> run_names(["runs/a/seed1", "runs/b/seed1", "runs/c"])
+        ['a/seed1', 'b/seed1', 'c']
+    """
+    paths = [Path(p).resolve() for p in run_dirs]
+    names = []
+    for path in paths:
+        others = [p for p in paths if p != path]
+        for depth in range(1, len(path.parts) + 1):
+            name = "/".join(path.parts[-depth:])
+            if all("/".join(p.parts[-depth:]) != name for p in others):
+                break
+        names.append(name)
+    return names
 
 
 @torch.no_grad()
@@ -301,7 +316,7 @@ def run_attention_figure(
     device = resolve_device(device)
     runs = {}
     images = masks = row_labels = dataset = None
-    for run_dir in map(Path, run_dirs):
+    for run_dir, run_name in zip(map(Path, run_dirs), run_names(run_dirs), strict=True):
         model, run_dataset, config = load_run(run_dir, split)
         if dataset is None:
             dataset = run_dataset
@@ -321,10 +336,11 @@ def run_attention_figure(
             )
         with AttentionCapture(model) as capture:
             model.to(device)(images.to(device))
-        name = _run_name(run_dir, config.se.weight)
-        if name in runs:
-            name = f"{run_dir} (SE {config.se.weight:g})"
-        runs[name] = (capture.attention.cpu(), capture.grid_shape)
+        weight = config.se.weight
+        runs[f"{run_name} ({f'SE {weight:g}' if weight > 0 else 'no SE'})"] = (
+            capture.attention.cpu(),
+            capture.grid_shape,
+        )
     display = denormalize(images, dataset.mean, dataset.std)
     return attention_figure(display, runs, masks, mass=mass, row_labels=row_labels)
 
@@ -332,9 +348,9 @@ def run_attention_figure(
 def runs_training_figure(run_dirs: Sequence[str | os.PathLike]) -> tuple[Figure, list[str]]:
     """:func:`training_figure` of the ``log.csv`` of one or more runs, named by directory."""
     logs = {}
-    for run_dir in map(Path, run_dirs):
+    for run_dir, name in zip(map(Path, run_dirs), run_names(run_dirs), strict=True):
         path = run_dir / "log.csv"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory?")
-        logs[run_dir.name if run_dir.name not in logs else str(run_dir)] = read_training_log(path)
+        logs[name] = read_training_log(path)
     return training_figure(logs)
