@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +65,13 @@ def open_label_map(path: Path) -> np.ndarray:
             "pixel values are class indices"
         )
     return values.astype(np.uint8)
+
+
+def require_data_path(root: str | os.PathLike | None, name: str, expected: str) -> Path:
+    """``root`` as a Path, or the error that says which folder ``name`` needs."""
+    if root is None:
+        raise DatasetNotFoundError(f"{name} needs data_path (--data-path): {expected}")
+    return Path(root)
 
 
 class VisionDataset(Dataset):

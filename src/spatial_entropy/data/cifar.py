@@ -10,7 +10,12 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from spatial_entropy.data.base import DatasetError, DatasetNotFoundError, VisionDataset
+from spatial_entropy.data.base import (
+    DatasetError,
+    DatasetNotFoundError,
+    VisionDataset,
+    require_data_path,
+)
 from spatial_entropy.data.registry import register_dataset
 
 
@@ -65,12 +70,10 @@ class CIFAR10(VisionDataset):
         skip_bad: bool = False,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if root is None:
-            raise DatasetNotFoundError(
-                f"{type(self).__name__} needs data_path (--data-path): the extracted "
-                f"{self.folder}/ folder or its parent"
-            )
-        folder = Path(root) / self.folder
+        root = require_data_path(
+            root, type(self).__name__, f"the extracted {self.folder}/ folder or its parent"
+        )
+        folder = root / self.folder
         folder = folder if folder.is_dir() else Path(root)
         meta_path = folder / self.meta_file
         if not meta_path.is_file():

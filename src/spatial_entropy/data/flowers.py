@@ -15,6 +15,7 @@ from spatial_entropy.data.base import (
     DatasetNotFoundError,
     VisionDataset,
     open_image,
+    require_data_path,
     require_path,
 )
 from spatial_entropy.data.registry import register_dataset
@@ -52,12 +53,10 @@ class Flowers102(VisionDataset):
         skip_bad: bool = False,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if root is None:
-            raise DatasetNotFoundError(
-                "flowers102 needs data_path (--data-path): the folder with jpg/, "
-                "imagelabels.mat and setid.mat"
-            )
-        folder = Path(root) / "flowers-102"
+        root = require_data_path(
+            root, "flowers102", "the folder with jpg/, imagelabels.mat and setid.mat"
+        )
+        folder = root / "flowers-102"
         folder = folder if folder.is_dir() else Path(root)
         self.classes = list(_TorchvisionFlowers.classes)
         labels_path = folder / "imagelabels.mat"

@@ -13,6 +13,7 @@ from spatial_entropy.data.base import (
     DatasetNotFoundError,
     VisionDataset,
     open_image,
+    require_data_path,
     require_path,
 )
 from spatial_entropy.data.registry import register_dataset
@@ -46,11 +47,7 @@ class ImageFolder(VisionDataset):
         classes_file: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if root is None:
-            raise DatasetNotFoundError(
-                "imagefolder needs data_path (--data-path): the folder with train/ and val/"
-            )
-        root = Path(root)
+        root = require_data_path(root, "imagefolder", "the folder with train/ and val/")
         folder = root / split
         if split == "test" and not folder.is_dir():
             folder = root / "val"

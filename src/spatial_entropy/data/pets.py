@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from spatial_entropy.data.base import (
     VisionDataset,
     open_image,
     open_label_map,
+    require_data_path,
     require_path,
 )
 from spatial_entropy.data.registry import register_dataset
@@ -45,12 +45,9 @@ class OxfordPets(VisionDataset):
         skip_bad: bool = False,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if root is None:
-            raise DatasetNotFoundError(
-                "pets needs data_path (--data-path): the folder with images/ and annotations/"
-            )
-        folder = Path(root) / "oxford-iiit-pet"
-        self.folder = folder if folder.is_dir() else Path(root)
+        root = require_data_path(root, "pets", "the folder with images/ and annotations/")
+        folder = root / "oxford-iiit-pet"
+        self.folder = folder if folder.is_dir() else root
         split_file = self.folder / "annotations" / f"{self.splits[split]}.txt"
         require_path(split_file, "Oxford-IIIT Pets' split file (lines: name class species breed)")
         names: dict[int, str] = {}

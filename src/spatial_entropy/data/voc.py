@@ -15,6 +15,7 @@ from spatial_entropy.data.base import (
     VisionDataset,
     open_image,
     open_label_map,
+    require_data_path,
     require_path,
 )
 from spatial_entropy.data.registry import register_dataset
@@ -73,11 +74,7 @@ class VOC2012Segmentation(VisionDataset):
         skip_bad: bool = False,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if root is None:
-            raise DatasetNotFoundError(
-                "voc2012 needs data_path (--data-path): VOCdevkit/VOC2012 or a folder above it"
-            )
-        root = Path(root)
+        root = require_data_path(root, "voc2012", "VOCdevkit/VOC2012 or a folder above it")
         candidates = [root / "VOCdevkit" / "VOC2012", root / "VOC2012", root]
         folder = next((c for c in candidates if (c / "ImageSets").is_dir()), candidates[0])
         ids_file = folder / "ImageSets" / "Segmentation" / f"{self.splits[split]}.txt"
