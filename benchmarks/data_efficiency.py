@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from spatial_entropy.config import load_config
+from spatial_entropy.data import build_dataset
 from spatial_entropy.engine import train
 from spatial_entropy.evaluation import evaluate_run_attention
 
@@ -76,20 +79,41 @@ FULL = (Size(50, 50, 5), Size(100, 25, 5), Size(300, 8, 3), Size(1000, 3, 3))
 QUICK = (Size(50, 12, 2), Size(100, 6, 2))
 
 
-def recipe(size: Size, seed: int) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """A deliberate departure from the benchmark, to find out *why* it shows what it shows
+    (training length, grid size, clutter). Never the benchmark itself: a variant's runs go to
+    their own work directory and result files, named by `suffix`."""
+
+    epochs_scale: int = 1  # train this many times longer (same recipe, more epochs)
+    img_size: int | None = None  # input side; None: the model's 64 px (8x8 grid of 8-px patches)
+    distractors: int | None = None  # distractor fragments per scene (train and test); None: 4
+
+    def suffix(self) -> str:
+        parts = [f"x{self.epochs_scale}epochs"] if self.epochs_scale != 1 else []
+        parts += [f"img{self.img_size}"] if self.img_size is not None else []
+        parts += [f"distractors{self.distractors}"] if self.distractors is not None else []
+        return "".join("_" + part for part in parts)
+
+    def epochs(self, size: Size) -> int:
+        return size.epochs * self.epochs_scale
+
+
+def recipe(size: Size, seed: int, variant: Variant = Variant(), device: str = "cpu") -> dict:
     """The shared recipe, fixed before any result was seen: the small-image one (random crop
     with padding and flip, label smoothing, drop path, AdamW with cosine schedule), without
     RandAugment, random erasing and Mixup/CutMix, which need longer training than a CPU
     budget allows."""
-    return {
+    epochs = variant.epochs(size)
+    values = {
         "model": MODEL,
         "dataset": "cluttered-fashion",
         "n_per_class": size.n_per_class,
-        "epochs": size.epochs,
+        "epochs": epochs,
         "batch_size": 64,
         "lr": 1e-3,
         "weight_decay": 0.05,
-        "warmup_epochs": max(1, size.epochs // 10),
+        "warmup_epochs": max(1, epochs // 10),
         "min_lr": 1e-5,
         "drop_path": 0.1,
         "smoothing": 0.1,
@@ -98,12 +122,17 @@ def recipe(size: Size, seed: int) -> dict:
         "mixup": 0.0,
         "cutmix": 0.0,
         "seed": seed,
-        "device": "cpu",
+        "device": device,
         "num_workers": 0,
-        "eval_every": size.epochs,
+        "eval_every": epochs,
         "checkpoint_every": 0,
         "log_every": 50,
     }
+    if variant.img_size is not None:
+        values["img_size"] = variant.img_size
+    if variant.distractors is not None:
+        values["data_options"] = {"distractors": variant.distractors}
+    return values
 
 
 @dataclass
@@ -126,24 +155,33 @@ class Plan:
                 ]
 
 
-def run_one(size: Size, arm: str, seed: int, work_dir: Path) -> dict:
+def run_one(
+    size: Size,
+    arm: str,
+    seed: int,
+    work_dir: Path,
+    variant: Variant = Variant(),
+    device: str = "cpu",
+) -> dict:
     """Train (or resume, or read back) one run and evaluate it on the test set."""
-    run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / arm / f"seed{seed}"
+    epochs = variant.epochs(size)
+    run_dir = work_dir / f"n{size.n_per_class}_e{epochs}" / arm / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    config = load_config(values=recipe(size, seed) | ARMS[arm])
+    config = load_config(values=recipe(size, seed, variant, device) | ARMS[arm])
     if not (run_dir / "metrics.json").is_file():
         train(config, run_dir, resume=(run_dir / "checkpoints").is_dir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    attention = evaluate_run_attention(run_dir, "test", device="cpu", mass=0.6)
+    attention = evaluate_run_attention(run_dir, "test", device=device, mass=0.6)
     result = {
         "n_per_class": size.n_per_class,
-        "epochs": size.epochs,
+        "epochs": epochs,
         "arm": arm,
         "seed": seed,
         "steps": metrics["steps"],
         "train_time_s": metrics["train_time_s"],
+        "device": device,
         "top1": metrics["top1"],
         "jaccard": attention["jaccard"],
         "se_mean": attention["se_mean"],
@@ -237,6 +275,72 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def warm_cache(variant: Variant) -> None:
+    """Generate the variant's scenes once, before worker processes would each generate them."""
+    options = {"distractors": variant.distractors} if variant.distractors is not None else None
+    for split in ("train", "test"):
+        build_dataset("cluttered-fashion", split, options=options)
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def execute(
+    runs: list[tuple[Size, str, int]],
+    work_dir: Path,
+    *,
+    variant: Variant,
+    device: str,
+    jobs: int,
+    threads: int | None,
+    time_budget_s: float | None,
+) -> int:
+    """Run (or read back) every run, ``jobs`` at a time in worker processes; start none after
+    ``time_budget_s``. Returns how many runs were left unstarted."""
+    start = time.perf_counter()
+    # seed-major order: stopping early (time budget) leaves every arm with about as many seeds
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    queue = sorted(runs, key=lambda r: (r[0].n_per_class, r[2], order[r[1]]))
+    total = len(queue)
+    done = 0
+
+    def report(run: tuple[Size, str, int], result: dict, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        size, arm, seed = run
+        print(f"[{done}/{total}] n={size.n_per_class} {arm} seed {seed}: top-1 "
+              f"{result['top1']:.1f}, Jaccard {result['jaccard']:.3f}, SE {result['se_mean']:.3f} "
+              f"({seconds:.0f} s)", flush=True)  # fmt: skip
+
+    def time_left() -> bool:
+        return time_budget_s is None or time.perf_counter() - start < time_budget_s
+
+    if jobs <= 1:
+        while queue and time_left():
+            run, t0 = queue.pop(0), time.perf_counter()
+            report(run, run_one(*run, work_dir, variant, device), time.perf_counter() - t0)
+        return len(queue)
+    warm_cache(variant)
+    context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        running: dict[Future, tuple[tuple[Size, str, int], float]] = {}
+        while queue or running:
+            while queue and len(running) < jobs and time_left():
+                run = queue.pop(0)
+                future = pool.submit(run_one, *run, work_dir, variant, device)
+                running[future] = (run, time.perf_counter())
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, t0 = running.pop(future)
+                report(run, future.result(), time.perf_counter() - t0)
+    return len(queue)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 sizes, 2 seeds, short runs")
@@ -247,10 +351,42 @@ def main() -> None:
     parser.add_argument("--lambda-study", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (e.g. 2 with --threads 1 on two cores)",
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="start no run after MIN minutes; the tables cover the finished runs",
+    )
+    lever = parser.add_argument_group(
+        "variants (investigation only; own work dir and result files)"
+    )
+    lever.add_argument("--epochs-scale", type=int, default=1, help="train N times longer")
+    lever.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input side (patch 8: 112 gives the paper's 14x14 grid)",
+    )
+    lever.add_argument(
+        "--distractors",
+        type=int,
+        default=None,
+        help="distractor fragments per scene (benchmark: 4)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.epochs_scale < 1 or args.jobs < 1:
+        parser.error("--epochs-scale and --jobs must be >= 1")
 
     sizes = QUICK if args.quick else FULL
     if args.sizes:
@@ -260,20 +396,25 @@ def main() -> None:
         sizes = tuple(s for s in sizes if s.n_per_class in args.sizes)
     if args.seeds:
         sizes = tuple(Size(s.n_per_class, s.epochs, args.seeds) for s in sizes)
+    variant = Variant(args.epochs_scale, args.img_size, args.distractors)
     name = "data_efficiency_quick" if args.quick else "data_efficiency"
+    name += variant.suffix() + ("_cuda" if args.device == "cuda" else "")
     work_dir = args.work_dir or Path("runs") / name
     plan = Plan(sizes, args.arms, args.lambda_study)
 
     start = time.perf_counter()
-    results = []
-    for i, (size, arm, seed) in enumerate(plan.runs, 1):
-        t0 = time.perf_counter()
-        results.append(run_one(size, arm, seed, work_dir))
-        r = results[-1]
-        print(f"[{i}/{len(plan.runs)}] n={size.n_per_class} {arm} seed {seed}: top-1 "
-              f"{r['top1']:.1f}, Jaccard {r['jaccard']:.3f}, SE {r['se_mean']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    unstarted = execute(
+        plan.runs,
+        work_dir,
+        variant=variant,
+        device=args.device,
+        jobs=args.jobs,
+        threads=args.threads,
+        time_budget_s=None if args.time_budget is None else args.time_budget * 60,
+    )
     elapsed = time.perf_counter() - start
+    if unstarted:
+        print(f"time budget spent: {unstarted} of {len(plan.runs)} runs not started", flush=True)
     # Report every finished run of this work directory, so invocations that ran different
     # sizes (in turn or side by side) add up to one table.
     results = [json.loads(p.read_text()) for p in sorted(work_dir.glob("*/*/seed*/result.json"))]
@@ -285,11 +426,17 @@ def main() -> None:
     plot(results, args.out_dir / f"{name}.png")
     record = {
         "sizes": [asdict(s) for s in sizes],
+        "variant": asdict(variant),
         "arms": {a: ARMS[a] for a in sorted({r["arm"] for r in results})},
-        "recipe": recipe(sizes[0], 0),
+        "recipe": recipe(sizes[0], 0, variant, args.device),
         "runs": results,
         "wall_time_s_this_invocation": elapsed,
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "jobs": args.jobs,
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        },
     }
     (args.out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out_dir / name}.{{md,png,json}} in {elapsed / 60:.1f} min")

@@ -88,7 +88,9 @@ def _label_propagate(
     total = m * h * w
     # Labels travel through max_pool2d, which needs floating point: float32 is exact up to 2**24.
     dtype = torch.float32 if total < 2**24 else torch.float64
-    background = torch.tensor(float(total), dtype=dtype, device=maps.device)
+    # a fill on the device, not torch.tensor(scalar, device=...): that copies from the host and
+    # synchronises (seen with torch.cuda.set_sync_debug_mode on an H200)
+    background = torch.full((), total, dtype=dtype, device=maps.device)
     index = torch.arange(total, device=maps.device, dtype=dtype).reshape(m, h, w)
     labels = torch.where(maps, index, background)
 
