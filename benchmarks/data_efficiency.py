@@ -198,6 +198,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """95% confidence interval of the mean paired difference (Student's t, n - 1 dof)."""
+    from scipy.stats import t
+
+    mean, std = mean_std(differences)
+    half = t.ppf(0.975, len(differences) - 1) * std / len(differences) ** 0.5
+    return mean - half, mean + half
+
+
 def group(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
@@ -226,8 +235,9 @@ def tables(results: list[dict]) -> str:
         "",
     ]
     lines += [
-        "| n / class | arm | Δ top-1 (points) | 2 × pooled seed std | Δ > 2σ? | Δ Jaccard |",
-        "|---|---|---|---|---|---|",
+        "| n / class | arm | pairs | Δ top-1 (points) | 2 × pooled seed std | Δ > 2σ? "
+        "| paired 95% CI of Δ top-1 | Δ Jaccard |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (n, arm), runs in sorted(groups.items()):
         base = {r["seed"]: r for r in groups.get((n, "baseline"), [])}
@@ -235,6 +245,7 @@ def tables(results: list[dict]) -> str:
         if arm == "baseline" or len(paired) < 2:
             continue
         d_top1 = mean_std([r["top1"] - b["top1"] for r, b in paired])
+        low, high = paired_interval([r["top1"] - b["top1"] for r, b in paired])
         d_jac = mean_std([r["jaccard"] - b["jaccard"] for r, b in paired])
         pooled = (
             (mean_std([b["top1"] for _, b in paired])[1] ** 2
@@ -242,33 +253,55 @@ def tables(results: list[dict]) -> str:
         ) ** 0.5  # fmt: skip
         verdict = "yes" if d_top1[0] > 2 * pooled else "no"
         lines.append(
-            f"| {n} | {arm} | {d_top1[0]:+.1f} ± {d_top1[1]:.1f} | {2 * pooled:.1f} | {verdict} | "
+            f"| {n} | {arm} | {len(paired)} | {d_top1[0]:+.1f} ± {d_top1[1]:.1f} | "
+            f"{2 * pooled:.1f} | {verdict} | [{low:+.1f}, {high:+.1f}] | "
             f"{d_jac[0]:+.3f} ± {d_jac[1]:.3f} |"
         )
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, title: str = "") -> None:
+    """Top-1 and Jaccard against n per arm; with a single size, every seed against the arms
+    instead (one line per seed: the pairing the paired differences use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = group(results)
-    arms = [a for a in ("baseline", "se", "se_no_last_skip") if any(k[1] == a for k in groups)]
+    sizes = sorted({n for n, _ in groups})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard")):
-        for arm in arms:
-            ns = sorted(n for n, a in groups if a == arm)
-            stats = [mean_std([r[key] for r in groups[(n, arm)]]) for n in ns]
-            ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                        capsize=3, label=arm)  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("training images per class")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"cluttered-fashion, {MODEL}: mean ± std over seeds")
+    panels = ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard"))
+    if len(sizes) == 1:
+        arms = [arm for arm in ARMS if (sizes[0], arm) in groups]
+        seeds = sorted({r["seed"] for r in results})
+        for ax, key, label in panels:
+            by_seed = {(r["arm"], r["seed"]): r[key] for r in results}
+            for seed in seeds:
+                xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
+                ys = [by_seed[(arms[i], seed)] for i in xs]
+                ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
+            means = [mean_std([r[key] for r in groups[(sizes[0], arm)]])[0] for arm in arms]
+            ax.plot(range(len(arms)), means, "o", color="C3", ms=9, label="mean over seeds")
+            ax.set_xticks(range(len(arms)), arms, rotation=20)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"cluttered-fashion, {MODEL}{title}, n = {sizes[0]}/class: one line per seed")
+    else:
+        arms = [a for a in ("baseline", "se", "se_no_last_skip") if any(k[1] == a for k in groups)]
+        for ax, key, label in panels:
+            for arm in arms:
+                ns = sorted(n for n, a in groups if a == arm)
+                stats = [mean_std([r[key] for r in groups[(n, arm)]]) for n in ns]
+                ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                            capsize=3, label=arm)  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("training images per class")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"cluttered-fashion, {MODEL}{title}: mean ± std over seeds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -280,6 +313,10 @@ def warm_cache(variant: Variant) -> None:
     options = {"distractors": variant.distractors} if variant.distractors is not None else None
     for split in ("train", "test"):
         build_dataset("cluttered-fashion", split, options=options)
+
+
+def title_of(variant: Variant) -> str:
+    return f" ({variant.suffix().lstrip('_').replace('_', ', ')})" if variant.suffix() else ""
 
 
 def _worker_init(threads: int | None) -> None:
@@ -382,7 +419,22 @@ def main() -> None:
         default=None,
         help="distractor fragments per scene (benchmark: 4)",
     )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="only rebuild the .md and .png beside a result JSON (e.g. one from another machine)",
+    )
     args = parser.parse_args()
+    if args.report:
+        record = json.loads(args.report.read_text())
+        stem = args.report.with_suffix("")
+        stem.with_suffix(".md").write_text(tables(record["runs"]) + "\n")
+        plot(
+            record["runs"], stem.with_suffix(".png"), title_of(Variant(**record.get("variant", {})))
+        )
+        print(f"wrote {stem}.{{md,png}} from {len(record['runs'])} runs")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs_scale < 1 or args.jobs < 1:
@@ -423,7 +475,7 @@ def main() -> None:
     print(report)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.md").write_text(report + "\n")
-    plot(results, args.out_dir / f"{name}.png")
+    plot(results, args.out_dir / f"{name}.png", title_of(variant))
     record = {
         "sizes": [asdict(s) for s in sizes],
         "variant": asdict(variant),

@@ -1,0 +1,109 @@
+"""The data-efficiency benchmark's bookkeeping: variants, run order, statistics, tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "data_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("data_efficiency", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["data_efficiency"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(n: int, arm: str, seed: int, top1: float, jaccard: float = 0.3) -> dict:
+    return {"n_per_class": n, "arm": arm, "seed": seed, "steps": 10, "top1": top1,
+            "jaccard": jaccard, "se_mean": 0.2, "regions_mean": 2.0}  # fmt: skip
+
+
+def test_paired_interval_by_hand(bench) -> None:
+    # differences 1, 2, 3: mean 2, std 1, t(0.975, 2 dof) = 4.302653
+    low, high = bench.paired_interval([1.0, 2.0, 3.0])
+    half = 4.302653 / math.sqrt(3)
+    assert low == pytest.approx(2 - half, abs=1e-5)
+    assert high == pytest.approx(2 + half, abs=1e-5)
+
+
+def test_variant_names_and_recipe(bench) -> None:
+    size = bench.Size(50, 50, 5)
+    assert bench.Variant().suffix() == ""
+    variant = bench.Variant(epochs_scale=4, img_size=112, distractors=0)
+    assert variant.suffix() == "_x4epochs_img112_distractors0"
+    values = bench.recipe(size, 3, variant, "cuda")
+    assert values["epochs"] == 200 and values["eval_every"] == 200
+    assert values["warmup_epochs"] == 20
+    assert values["img_size"] == 112 and values["data_options"] == {"distractors": 0}
+    assert values["device"] == "cuda" and values["seed"] == 3
+    plain = bench.recipe(size, 0)
+    assert plain["epochs"] == 50 and "img_size" not in plain and "data_options" not in plain
+
+
+def test_tables_verdict_and_pairing(bench) -> None:
+    # baseline 10, 12, 14 (std 2); arm "se" 20, 22, 24: +10 on every seed, far above 2 x 2
+    runs = [result(50, "baseline", s, 10 + 2 * s) for s in range(3)]
+    runs += [result(50, "se", s, 20 + 2 * s, jaccard=0.4) for s in range(3)]
+    # a small arm: +1 each seed, below 2 sigma; an unpaired seed 7 must be left out
+    runs += [result(50, "se_no_last_skip", s, 11 + 2 * s) for s in range(3)]
+    runs += [result(50, "se_no_last_skip", 7, 99.0)]
+    text = bench.tables(runs)
+    se_row = next(line for line in text.splitlines() if line.startswith("| 50 | se | 3 | +10.0"))
+    assert "| 4.0 | yes | [+10.0, +10.0] | +0.100 ± 0.000 |" in se_row
+    nls_row = next(
+        line for line in text.splitlines() if line.startswith("| 50 | se_no_last_skip | 3 |")
+    )
+    assert "+1.0 ± 0.0 | 4.0 | no |" in nls_row
+    # the mean table counts all four seeds of the unpaired arm
+    assert "| 50 | se_no_last_skip | 4 | 10 |" in text
+
+
+def test_execute_order_and_time_budget(bench, tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run_one(size, arm, seed, work_dir, variant, device):
+        calls.append((size.n_per_class, arm, seed))
+        return result(size.n_per_class, arm, seed, 50.0)
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    plan = bench.Plan((bench.Size(50, 1, 2), bench.Size(100, 1, 2)), ["baseline", "se"], False)
+    left = bench.execute(plan.runs, tmp_path, variant=bench.Variant(), device="cpu", jobs=1,
+                         threads=None, time_budget_s=None)  # fmt: skip
+    assert left == 0
+    # seed-major within a size, arms in their declared order
+    assert calls == [
+        (50, "baseline", 0),
+        (50, "se", 0),
+        (50, "baseline", 1),
+        (50, "se", 1),  # fmt: skip
+        (100, "baseline", 0),
+        (100, "se", 0),
+        (100, "baseline", 1),
+        (100, "se", 1),
+    ]
+    calls.clear()
+    left = bench.execute(plan.runs, tmp_path, variant=bench.Variant(), device="cpu", jobs=1,
+                         threads=None, time_budget_s=0)  # fmt: skip
+    assert left == len(plan.runs) and calls == []
+
+
+def test_report_rebuilds_tables_from_json(bench, tmp_path, monkeypatch) -> None:
+    record = {"variant": {"epochs_scale": 4, "img_size": None, "distractors": None},
+              "runs": [result(50, "baseline", s, 30.0 + s) for s in range(2)]
+              + [result(50, "se", s, 32.0 + s) for s in range(2)]}  # fmt: skip
+    path = tmp_path / "lever.json"
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(sys, "argv", ["data_efficiency.py", "--report", str(path)])
+    bench.main()
+    text = (tmp_path / "lever.md").read_text()
+    assert "| 50 | se | 2 | +2.0 ± 0.0 |" in text
+    assert (tmp_path / "lever.png").stat().st_size > 0
