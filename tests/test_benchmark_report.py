@@ -84,7 +84,7 @@ def test_execute_order_and_time_budget(bench, tmp_path, monkeypatch) -> None:
         (50, "baseline", 0),
         (50, "se", 0),
         (50, "baseline", 1),
-        (50, "se", 1),  # fmt: skip
+        (50, "se", 1),
         (100, "baseline", 0),
         (100, "se", 0),
         (100, "baseline", 1),
