@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def attention_figure(
     titles = ["input"]
     for name, (attention, grid_shape) in runs.items():
         heads = attention.shape[1]
-        titles += [f"{name}\nhead {h}" for h in range(heads)] + [f"{name}\n{mass:.0%} mask"]
+        label = _wrap(name)
+        titles += [f"{label}\nhead {h}" for h in range(heads)] + [f"{label}\n{mass:.0%} mask"]
         attention = attention.detach().float().cpu()
         head_masks = attention_masks(attention, grid_shape, size, mass=mass)
         if masks is not None:
@@ -195,6 +197,11 @@ def attention_figure(
     for ax, title in zip(axes[0], titles, strict=True):
         ax.set_title(title, fontsize=7)
     return fig
+
+
+def _wrap(name: str, width: int = 18) -> str:
+    """A run name on lines short enough for one panel (paths break after their slashes)."""
+    return "\n".join(textwrap.wrap(name.replace("/", "/ "), width)).replace("/ ", "/")
 
 
 def read_training_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
