@@ -1,0 +1,67 @@
+"""benchmarks/attention_mass.py: attention shares on object / distractors / rest, by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_mass.py"
+
+
+@pytest.fixture(scope="module")
+def am():
+    spec = importlib.util.spec_from_file_location("attention_mass", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["attention_mass"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shares_by_hand(am) -> None:
+    # 2x2 grid over a 4x4 image; patches in raster order TL, TR, BL, BR
+    attention = torch.tensor([[[0.5, 0.25, 0.25, 0.0]]])
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # the whole TL patch ...
+    masks[0, 0, 2] = True  # ... and one of TR's four pixels
+    distractors = torch.zeros(1, 4, 4, dtype=torch.bool)
+    distractors[0, 2:, :2] = True  # the whole BL patch
+    distractors[0, 0, 2] = True  # overlaps the object: counted as object only
+    shares = am.mass_shares(attention, (2, 2), masks, distractors)
+    assert shares[0].tolist() == pytest.approx([0.5 + 0.25 / 4, 0.25, 1 - 0.5625 - 0.25])
+    # unnormalised attention (e.g. softmax over all keys, [CLS] entry dropped) gives the same
+    assert torch.allclose(am.mass_shares(attention * 0.7, (2, 2), masks, distractors), shares)
+
+
+def test_shares_average_heads_and_sum_to_one(am) -> None:
+    attention = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0, 1.0]]])  # head 0 on TL, head 1 on BR
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    none = torch.zeros(1, 4, 4, dtype=torch.bool)
+    shares = am.mass_shares(attention, (2, 2), masks, none)
+    assert shares[0].tolist() == pytest.approx([0.5, 0.0, 0.5])
+    random = torch.rand(3, 4, 16)
+    masks = torch.rand(3, 8, 8) > 0.5
+    distractors = torch.rand(3, 8, 8) > 0.5
+    assert torch.allclose(am.mass_shares(random, (4, 4), masks, distractors).sum(-1),
+                          torch.ones(3, dtype=torch.float64))  # fmt: skip
+
+
+def test_shares_reject_a_grid_that_does_not_tile_the_image(am) -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        am.mass_shares(torch.ones(1, 1, 9), (3, 3), torch.zeros(1, 4, 4, dtype=torch.bool),
+                       torch.zeros(1, 4, 4, dtype=torch.bool))  # fmt: skip
+
+
+def test_distractor_windows_scale_boxes(am) -> None:
+    # box x in [1, 3), y in [0, 2) on a 4-px canvas, drawn at 8 px: columns 2-5, rows 0-3
+    boxes = torch.tensor([[[1, 0, 3, 2]]])
+    window = am.distractor_windows(boxes, canvas=4, size=8)[0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[0:4, 2:6] = True
+    assert torch.equal(window, expected)
+    # no distractors at all: an empty union
+    assert not am.distractor_windows(torch.zeros(2, 0, 4), canvas=4, size=8).any()
