@@ -308,6 +308,45 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def plot_lambda(results: list[dict], path: Path, title: str = "") -> bool:
+    """The λ study: top-1 and Jaccard against constant λ, beside the baseline and the published
+    schedule (bands: mean ± std). Returns False (and draws nothing) without constant-λ runs."""
+    groups = group(results)
+    constant = sorted(
+        (ARMS[arm]["se"]["weight"], n, arm) for n, arm in groups if arm.startswith("se_const_")
+    )
+    if not constant:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n for _, n, _ in constant)
+    points = [(w, arm) for w, size, arm in constant if size == n]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard")):
+        stats = [mean_std([r[key] for r in groups[(n, arm)]]) for _, arm in points]
+        ax.errorbar([w for w, _ in points], [m for m, _ in stats], yerr=[s for _, s in stats],
+                    marker="o", capsize=3, color="C3", label="constant λ")  # fmt: skip
+        for arm, color in (("baseline", "C0"), ("se", "C1")):
+            if (n, arm) in groups:
+                m, sd = mean_std([r[key] for r in groups[(n, arm)]])
+                name = "baseline (λ = 0)" if arm == "baseline" else "published schedule, 0.01"
+                ax.axhline(m, color=color, label=name)
+                ax.axhspan(m - sd, m + sd, color=color, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"λ study, {MODEL}{title}, n = {n}/class: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def warm_cache(variant: Variant) -> None:
     """Generate the variant's scenes once, before worker processes would each generate them."""
     options = {"distractors": variant.distractors} if variant.distractors is not None else None
@@ -430,9 +469,9 @@ def main() -> None:
         record = json.loads(args.report.read_text())
         stem = args.report.with_suffix("")
         stem.with_suffix(".md").write_text(tables(record["runs"]) + "\n")
-        plot(
-            record["runs"], stem.with_suffix(".png"), title_of(Variant(**record.get("variant", {})))
-        )
+        title = title_of(Variant(**record.get("variant", {})))
+        plot(record["runs"], stem.with_suffix(".png"), title)
+        plot_lambda(record["runs"], stem.parent / f"{stem.name}_lambda.png", title)
         print(f"wrote {stem}.{{md,png}} from {len(record['runs'])} runs")
         return
     if args.threads:
@@ -476,6 +515,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.md").write_text(report + "\n")
     plot(results, args.out_dir / f"{name}.png", title_of(variant))
+    plot_lambda(results, args.out_dir / f"{name}_lambda.png", title_of(variant))
     record = {
         "sizes": [asdict(s) for s in sizes],
         "variant": asdict(variant),

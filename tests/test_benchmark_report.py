@@ -107,3 +107,13 @@ def test_report_rebuilds_tables_from_json(bench, tmp_path, monkeypatch) -> None:
     text = (tmp_path / "lever.md").read_text()
     assert "| 50 | se | 2 | +2.0 ± 0.0 |" in text
     assert (tmp_path / "lever.png").stat().st_size > 0
+    assert not (tmp_path / "lever_lambda.png").exists()  # no constant-λ arm, no λ picture
+
+
+def test_lambda_picture_only_with_constant_arms(bench, tmp_path) -> None:
+    runs = [result(50, "baseline", s, 30.0 + s) for s in range(2)]
+    assert bench.plot_lambda(runs, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+    runs += [result(50, f"se_const_{w:g}", s, 29.0) for w in bench.LAMBDAS for s in range(2)]
+    assert bench.plot_lambda(runs, tmp_path / "lambda.png") is True
+    assert (tmp_path / "lambda.png").stat().st_size > 0
