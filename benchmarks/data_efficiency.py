@@ -22,9 +22,14 @@ separate invocations (e.g. one per core with ``--threads 1``). Resumable: finish
 back, interrupted ones continue from their latest checkpoint (epoch ends).
 
     python benchmarks/data_efficiency.py --quick                 # < 15 min on two CPU cores
-    python benchmarks/data_efficiency.py                         # the full benchmark
+    python benchmarks/data_efficiency.py --jobs 2 --threads 1    # the full benchmark, 2 cores
     python benchmarks/data_efficiency.py --lambda-study          # + the λ study
     python benchmarks/data_efficiency.py --sizes 50 100 --seeds 5 --arms baseline se
+    python benchmarks/data_efficiency.py --report benchmarks/results/data_efficiency.json
+
+Investigation variants (``--epochs-scale``, ``--img-size``, ``--distractors``) change the recipe
+in one named way and write to their own work directory and result files; ``--device cuda
+--jobs N --time-budget MIN`` runs many of them on a lent GPU (benchmarks/gpu_session.sh).
 """
 
 from __future__ import annotations
