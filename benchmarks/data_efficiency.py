@@ -265,6 +265,22 @@ def tables(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _log_axis(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(results: list[dict], path: Path, title: str = "") -> None:
     """Top-1 and Jaccard against n per arm; with a single size, every seed against the arms
     instead (one line per seed: the pairing the paired differences use)."""
@@ -301,16 +317,10 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
                 stats = [mean_std([r[key] for r in groups[(n, arm)]]) for n in ns]
                 ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                             capsize=3, label=arm)  # fmt: skip
-            ax.set_xscale("log")
-            ax.set_xlabel("training images per class")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+            _log_axis(ax, "training images per class", label)
         axes[0].legend()
         fig.suptitle(f"cluttered-fashion, {MODEL}{title}: mean ± std over seeds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_lambda(results: list[dict], path: Path, title: str = "") -> bool:
@@ -340,15 +350,10 @@ def plot_lambda(results: list[dict], path: Path, title: str = "") -> bool:
                 name = "baseline (λ = 0)" if arm == "baseline" else "published schedule, 0.01"
                 ax.axhline(m, color=color, label=name)
                 ax.axhspan(m - sd, m + sd, color=color, alpha=0.15)
-        ax.set_xscale("log")
-        ax.set_xlabel("λ")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        _log_axis(ax, "λ", label)
     axes[0].legend()
     fig.suptitle(f"λ study, {MODEL}{title}, n = {n}/class: mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_mass.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def am():
-    spec = importlib.util.spec_from_file_location("attention_mass", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["attention_mass"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("attention_mass")
 
 
 def test_shares_by_hand(am) -> None:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "data_efficiency.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("data_efficiency", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["data_efficiency"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("data_efficiency")
 
 
 def result(n: int, arm: str, seed: int, top1: float, jaccard: float = 0.3) -> dict:
