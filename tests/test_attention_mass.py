@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_benchmark
-
 
 @pytest.fixture(scope="module")
-def am():
+def am(load_benchmark):
     return load_benchmark("attention_mass")
 
 

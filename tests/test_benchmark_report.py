@@ -8,11 +8,9 @@ import sys
 
 import pytest
 
-from conftest import load_benchmark
-
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(load_benchmark):
     return load_benchmark("data_efficiency")
 
 
