@@ -129,3 +129,35 @@ def test_auto_augment_with_masks_is_refused():
     assert transform(image)[0].shape == (1, 16, 16)
     with pytest.raises(ValueError, match="misaligned"):
         transform(image, mask)
+
+
+def _posterize_ops(transform) -> list:
+    """Every timm AugmentOp named Posterize* inside a (nested) transform."""
+    found, stack = [], [transform]
+    while stack:
+        item = stack.pop()
+        stack += list(getattr(item, "transforms", None) or [])
+        found += [op for op in getattr(item, "ops", None) or [] if "Posterize" in op.name]
+    return found
+
+
+@pytest.mark.parametrize("img_size", [32, 224])  # small-image recipe and timm's large one
+def test_randaugment_posterize_at_full_magnitude(img_size: int) -> None:
+    # DeiT's increasing posterize keeps 4 - int(level / 10 * 4) bits: 0 bits at magnitude 10,
+    # which Pillow >= 13 refuses; the op must give a black image as older Pillow did.
+    transform = build_transform(
+        img_size,
+        is_train=True,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        native_size=img_size,
+        augment={"auto_augment": "rand-m10-mstd0-inc1"},
+    )
+    ops = _posterize_ops(getattr(transform, "photometric", None) or transform.transform)
+    assert ops, "expected a PosterizeIncreasing op in the RandAugment stage"
+    image = Image.fromarray(np.full((img_size, img_size, 3), 200, dtype=np.uint8))
+    for op in ops:
+        op.prob = 1.0
+        assert np.asarray(op(image)).max() == 0  # all bits dropped: black
+        op.magnitude = 5  # 4 - int(2) = 2 bits kept: 200 = 0b11001000 -> 0b11000000
+        assert np.unique(np.asarray(op(image))).tolist() == [192]

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
 from timm.data.transforms import str_to_interp_mode
 from timm.data.transforms_factory import transforms_imagenet_train
@@ -164,7 +165,7 @@ class SmallTrainTransform:
         )
         self.auto_augment = options.get("auto_augment")
         # timm builds the photometric and tensor stages; its own crop stage is not used
-        _, self.photometric, self.final = transforms_imagenet_train(
+        _, photometric, self.final = transforms_imagenet_train(
             size,
             separate=True,
             auto_augment=self.auto_augment,
@@ -176,6 +177,7 @@ class SmallTrainTransform:
             mean=tuple(mean),
             std=tuple(std),
         )
+        self.photometric = guard_posterize(photometric)
 
     def __call__(
         self, image: Image.Image, mask: Image.Image | None = None
@@ -187,6 +189,35 @@ class SmallTrainTransform:
             )
         image, mask = self.geometry(image, mask)
         return self.final(self.photometric(image)), mask_to_tensor(mask)
+
+
+def _posterize_or_black(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op as Pillow < 13 ran it: keeping 0 bits gives a black image.
+
+    timm's increasing-magnitude RandAugment (DeiT's ``rand-m9-mstd0.5-inc1``) asks for 0 bits
+    whenever the sampled magnitude reaches 10; Pillow 13 raises for that, which would stop a
+    training run at a random step."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep < 1:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def guard_posterize(transform: Any) -> Any:
+    """Swap timm's posterize for `_posterize_or_black` in every RandAugment/AutoAugment op
+    inside ``transform`` (nested ``Compose`` included); returns ``transform``."""
+    stack = [transform]
+    while stack:
+        item = stack.pop()
+        stack += list(getattr(item, "transforms", None) or [])
+        ops = list(getattr(item, "ops", None) or [])
+        for sub_policy in getattr(item, "policy", None) or []:
+            ops += list(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+                op.aug_fn = _posterize_or_black
+    return transform
 
 
 class ImageOnlyTransform:
@@ -279,7 +310,7 @@ def build_transform(
         timm_transform = create_transform(
             img_size, is_training=True, mean=tuple(mean), std=tuple(std), **recipe
         )
-        return ImageOnlyTransform(timm_transform)
+        return ImageOnlyTransform(guard_posterize(timm_transform))
     return EvalTransform(
         img_size,
         mean=mean,
