@@ -46,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("--grid", metavar="OUT.png", help="write a grid of sample images here")
     info.add_argument("--grid-count", type=int, default=16, help="images in the grid (default 16)")
-    info.add_argument("--masks", action="store_true", help="outline the masks in the grid")
+    info.add_argument(
+        "--masks",
+        action="store_true",
+        help="load the object masks: report how many images have one and the mean object "
+        "share, and outline them in the grid",
+    )
     info.set_defaults(func=run_info)
 
 
@@ -73,6 +78,8 @@ def run_info(args: argparse.Namespace) -> int:
             dataset.verify()
         print(f"{len(dataset)} images, {dataset.num_classes} classes")
         print(_details(dataset, args.split))
+        if args.masks:
+            print(_mask_summary(dataset))
         if args.grid:
             save_grid(dataset, args.grid, count=args.grid_count)
             print(f"grid: {args.grid}")
@@ -94,6 +101,24 @@ def _details(dataset: Any, split: str) -> str:
     if dataset.skipped:
         lines.append(f"skipped {dataset.skipped} bad item(s); first: {dataset.skipped_reasons[0]}")
     return "\n".join(lines)
+
+
+def _mask_summary(dataset: Any) -> str:
+    """How many items carry a mask, and the mean share of object pixels among the non-void
+    pixels of each mask (after the evaluation transform, as the Jaccard sees them)."""
+    from spatial_entropy.evaluation import object_masks
+
+    shares = []
+    for index in range(len(dataset)):
+        objects, valid = object_masks(dataset[index][2])
+        inside = (objects.any(dim=0) & valid).sum().item()
+        shares.append(inside / max(valid.sum().item(), 1))
+    empty = sum(share == 0 for share in shares)
+    mean = sum(shares) / len(shares) if shares else float("nan")
+    return (
+        f"masks: {len(shares)} images with masks; mean object share {mean:.4f} "
+        f"(object / non-void pixels); {empty} without object pixels"
+    )
 
 
 def save_grid(dataset: Any, path: str, *, count: int = 16) -> None:

@@ -14,6 +14,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 SKIP_HINT = "pass skip_bad=True (CLI: --skip-bad) to skip such items and report their count"
+VOID = 255
+"""Mask value of pixels that count in no metric (VOC's object borders, padding, ``void_value``)."""
+MASK_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I")
+"""PIL modes of an object mask: bilevel, greyscale (8 or 16 bit, or 32-bit integer), palette."""
 
 
 class DatasetError(ValueError):
@@ -67,6 +71,48 @@ def open_label_map(path: Path) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def open_object_mask(
+    path: Path, size: tuple[int, int] | None = None, *, void_value: int | None = None
+) -> tuple[Image.Image, bool]:
+    """Read an object mask (0 = background, any other value = object) as a 0/1/`VOID` image.
+
+    Args:
+        path: a greyscale (8 or 16 bit) or palette PNG; palette masks are read as indices.
+        size: ``(width, height)`` of the image the mask belongs to; a mask of another size is
+            resized to it with nearest neighbour.
+        void_value: pixel value that marks ignored pixels (e.g. 255 for VOC-style borders).
+
+    Returns:
+        ``(mask, resized)``: a PIL image of mode "L" holding 0 (background), 1 (object) and
+        `VOID` (ignored), and whether it had to be resized to ``size``.
+
+    Raises:
+        DatasetNotFoundError: no file at ``path``.
+        DatasetError: the file is not a readable image, or not of a greyscale/palette mode.
+    """
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            mode, values = mask.mode, np.asarray(mask)
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"{path}: mask file not found") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot decode mask ({exc}); expected a PNG") from exc
+    if mode not in MASK_MODES:
+        raise DatasetError(
+            f"{path}: mask of mode {mode!r}; expected a greyscale or palette PNG "
+            "(0 = background, any other value = object)"
+        )
+    labels = (values != 0).astype(np.uint8)
+    if void_value is not None:
+        labels[values == void_value] = VOID
+    result = Image.fromarray(labels)
+    resized = size is not None and result.size != tuple(size)
+    if resized:
+        result = result.resize(tuple(size), Image.Resampling.NEAREST)
+    return result, resized
+
+
 def require_data_path(root: str | os.PathLike | None, name: str, expected: str) -> Path:
     """``root`` as a Path, or the error that says which folder ``name`` needs."""
     if root is None:
@@ -93,8 +139,9 @@ class VisionDataset(Dataset):
     in_chans: int = 3
     native_size: int | None = None
     """Side of every image when it is fixed (<= 64 selects the small-image recipe)."""
-    mask_dtype: ClassVar[torch.dtype | None] = None
-    """dtype of the masks; None: the dataset has no masks."""
+    mask_dtype: torch.dtype | None = None
+    """dtype of the masks; None: the dataset has no masks (datasets whose masks are optional,
+    such as imagefolder, leave it None on the class and set it on an instance with masks)."""
     mask_fill: ClassVar[int] = 0
     """Mask value for pixels that padding adds (0 = background; VOC uses 255 = void)."""
 
@@ -104,7 +151,8 @@ class VisionDataset(Dataset):
             raise ValueError(f"{name} has splits {sorted(self.splits)}; got split={split!r}")
         if with_masks and self.mask_dtype is None:
             raise ValueError(
-                f"{name} has no masks; masks come with cluttered-fashion, pets and voc2012"
+                f"{name} has no masks; masks come with cluttered-fashion, pets, voc2012 and "
+                "imagefolder (from a masks/ folder)"
             )
         self.split = split
         self.with_masks = with_masks

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from spatial_entropy.data.base import (
+    VOID,
     DatasetError,
     DatasetNotFoundError,
     VisionDataset,
@@ -43,7 +44,6 @@ VOC_CLASSES = [
     "train",
     "tvmonitor",
 ]
-VOID = 255
 
 
 @register_dataset("voc2012")
