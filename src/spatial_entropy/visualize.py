@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.data.base import open_image
+from spatial_entropy.data.base import open_image, open_object_mask
 from spatial_entropy.evaluation import (
     VOID_LABEL,
     attention_jaccard,
@@ -266,13 +267,36 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
     fig.savefig(path, dpi=dpi)
 
 
-def _folder_images(folder: Path, transform, in_chans: int) -> tuple[Tensor, list[str]]:
+def _folder_images(
+    folder: Path, transform, in_chans: int, masks_dir: Path | None = None
+) -> tuple[Tensor, list[str], Tensor | None]:
+    """The images of ``folder`` through ``transform``, their names, and with ``masks_dir``
+    their object masks ``masks_dir/<stem>.png`` (0/1/255 maps, see `open_object_mask`)."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{folder}: no images (expected files ending in {IMAGE_SUFFIXES})")
     mode = "L" if in_chans == 1 else "RGB"
-    images = [transform(open_image(path, mode), None)[0] for path in files]
-    return torch.stack(images), [path.name for path in files]
+    images, masks, resized = [], [], []
+    for path in files:
+        image = open_image(path, mode)
+        mask = None
+        if masks_dir is not None:
+            mask_path = masks_dir / f"{path.stem}.png"
+            if not mask_path.is_file():
+                raise FileNotFoundError(f"{mask_path}: mask file not found for {path}")
+            mask, was_resized = open_object_mask(mask_path, image.size)
+            resized += [mask_path] if was_resized else []
+        tensor, mask = transform(image, mask)
+        images.append(tensor)
+        masks.append(mask)
+    if resized:
+        warnings.warn(
+            f"{len(resized)} mask(s) differ in size from their image (first: {resized[0]}); "
+            "resized with nearest neighbour",
+            stacklevel=3,
+        )
+    stacked = torch.stack(masks) if masks_dir is not None else None
+    return torch.stack(images), [path.name for path in files], stacked
 
 
 def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
@@ -299,6 +323,7 @@ def run_attention_figure(
     run_dirs: Sequence[str | os.PathLike],
     *,
     images_dir: str | os.PathLike | None = None,
+    masks_dir: str | os.PathLike | None = None,
     split: str = "test",
     count: int = 8,
     mass: float = 0.6,
@@ -312,6 +337,8 @@ def run_attention_figure(
         images_dir: a folder of images, prepared with the first run's evaluation transform;
             None takes the first ``count`` items of ``split`` (with object masks when the
             dataset has them).
+        masks_dir: object masks of the ``images_dir`` images, ``<stem>.png`` each (0 =
+            background, any other value = object); their outline is drawn.
         split, count: which dataset items to show without ``images_dir``.
         mass: share of the attention mass the masks keep.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -320,6 +347,10 @@ def run_attention_figure(
         raise ValueError("Expected at least one run directory")
     if count < 1:
         raise ValueError(f"Expected count >= 1, got {count}")
+    if masks_dir is not None and images_dir is None:
+        raise ValueError(
+            "masks_dir (--masks) needs images_dir (--images): the masks of which images?"
+        )
     device = resolve_device(device)
     runs = {}
     images = masks = row_labels = dataset = None
@@ -328,8 +359,11 @@ def run_attention_figure(
         if dataset is None:
             dataset = run_dataset
             if images_dir is not None:
-                images, row_labels = _folder_images(
-                    Path(images_dir), dataset.transform, dataset.in_chans
+                images, row_labels, masks = _folder_images(
+                    Path(images_dir),
+                    dataset.transform,
+                    dataset.in_chans,
+                    None if masks_dir is None else Path(masks_dir),
                 )
             else:
                 items = [dataset[i] for i in range(min(count, len(dataset)))]

@@ -23,6 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", metavar="DIR", help="a folder of images (default: the first --count of --split)"
     )
     source.add_argument("--split", default="test", help="dataset split (default: test)")
+    parser.add_argument(
+        "--masks",
+        metavar="MASKDIR",
+        help="object masks of the --images images, MASKDIR/<stem>.png (0 = background, "
+        "non-zero = object): outlined beside the kept patches",
+    )
     parser.add_argument("--count", type=int, default=8, help="images from --split (default: 8)")
     parser.add_argument(
         "--mass", type=float, default=0.6, help="attention mass the masks keep (default: 0.6)"
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         fig = run_attention_figure(
             run_dirs,
             images_dir=args.images,
+            masks_dir=args.masks,
             split=args.split,
             count=args.count,
             mass=args.mass,

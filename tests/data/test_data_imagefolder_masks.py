@@ -1,0 +1,202 @@
+"""ImageFolder with the user's own masks: layout, void pixels, bad masks, Jaccard, CLI."""
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from data_writers import write_jpeg
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from spatial_entropy.checkpoint import save_weights
+from spatial_entropy.cli import main
+from spatial_entropy.config import load_config, save_config
+from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset
+from spatial_entropy.evaluation import evaluate_attention
+from spatial_entropy.models import create_model
+from spatial_entropy.visualize import PANEL_INCHES
+
+SIZE = 28
+"""Output side: 32-pixel images are resized to floor(28 / 0.875) = 32 (unchanged) and centre-
+cropped to rows and columns 2..29, so the hand counts below are made inside that window."""
+WINDOW = SIZE * SIZE
+# Per masked val image, object and non-void pixels inside the 28x28 window:
+# c0: object [8:24, 8:24] whose first row is void (255), plus a void row 2 across the window.
+C0 = (15 * 16, WINDOW - 28 - 16)
+# c1: 16-bit object [4:12, 4:20] (value 1000), no void.
+C1 = (8 * 16, WINDOW)
+# d0: a 16x16 palette mask with its top half object, upsampled (nearest) to 32x32: rows 0..15.
+D0 = (14 * 28, WINDOW)
+SHARES = [inside / valid for inside, valid in (C0, C1, D0)]
+CLASS = {"c": "cat", "d": "dog"}
+
+
+def write_mask(path, values, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(values, mode) if mode else Image.fromarray(values)
+    if image.mode == "P":
+        image.putpalette([0, 0, 0, 200, 0, 0, 0, 200, 0, 0, 0, 200] + [0] * (256 * 3 - 12))
+    image.save(path)
+
+
+@pytest.fixture
+def masked_dir(tmp_path):
+    """train/ and val/ of colour 32x32 JPEGs; masks/val/ misses d1, and d0's mask is 16x16."""
+    rng = np.random.default_rng(15)
+    root = tmp_path / "birds"
+    for split, names in (("train", ("c0", "d0")), ("val", ("c0", "c1", "d0", "d1"))):
+        for name in names:
+            write_jpeg(root / split / CLASS[name[0]] / f"{name}.jpg", rng, (32, 32))
+    masks = root / "masks" / "val"
+    c0 = np.zeros((32, 32), np.uint8)
+    c0[8:24, 8:24] = 1
+    c0[8, 8:24] = 255
+    c0[2, :] = 255
+    write_mask(masks / "cat" / "c0.png", c0)
+    c1 = np.zeros((32, 32), np.uint16)
+    c1[4:12, 4:20] = 1000
+    write_mask(masks / "cat" / "c1.png", c1)
+    d0 = np.zeros((16, 16), np.uint8)
+    d0[:8] = 3
+    write_mask(masks / "dog" / "d0.png", d0, "P")
+    for name in ("c0", "d0"):  # train masks: the whole image is the object
+        write_mask(
+            root / "masks" / "train" / CLASS[name[0]] / f"{name}.png", np.ones((32, 32), np.uint8)
+        )
+    return root
+
+
+def masked(root, split="val", **kwargs):
+    options = {"void_value": 255} | kwargs.pop("options", {})
+    return build_dataset(
+        "imagefolder", split, data_path=root, img_size=SIZE, with_masks=True, options=options,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_masks_follow_the_images_with_void_and_16_bit(masked_dir):
+    # skip_bad decodes every item once (verify), then the items are read twice more
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = masked(masked_dir, skip_bad=True)
+        items = [dataset[i] for i in range(len(dataset))] + [dataset[2]]
+    assert dataset.skipped == 1 and "d1.png: mask file not found" in dataset.skipped_reasons[0]
+    resized = [w for w in caught if "resized with nearest neighbour" in str(w.message)]
+    assert len(resized) == 1 and "d0.png" in str(resized[0].message)
+    for (image, _, mask), (inside, valid) in zip(items, (C0, C1, D0), strict=False):
+        assert image.shape == (3, SIZE, SIZE) and mask.shape == (SIZE, SIZE)
+        assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1, 255}
+        assert (mask == 1).sum() == inside and (mask != 255).sum() == valid
+    assert [label for _, label, _ in items[:3]] == [0, 0, 1]
+    # without masks requested, the mask tree is not read at all
+    assert len(build_dataset("imagefolder", "val", data_path=masked_dir)[0]) == 2
+
+
+def test_uniform_attention_scores_the_object_share_of_the_valid_pixels(masked_dir):
+    # Zero q/k weights make every [CLS] attention map uniform: all patches tie, the 60%-mass
+    # mask keeps the whole image, and the Jaccard of a mask is |object| / |non-void pixels|.
+    model = create_model("se_vit_tiny_patch4_32", num_classes=2, img_size=SIZE, depth=1,
+                         embed_dim=24)  # fmt: skip
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight[: 2 * 24].zero_()
+        model.blocks[-1].attn.qkv.bias[: 2 * 24].zero_()
+    with pytest.warns(UserWarning):
+        dataset = masked(masked_dir, skip_bad=True)
+        result = evaluate_attention(model, DataLoader(dataset, batch_size=2))
+    assert result["jaccard_images"] == 3
+    assert result["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
+
+
+def test_a_missing_mask_is_an_error_naming_it(masked_dir):
+    with pytest.raises(DatasetNotFoundError, match=r"masks/val/dog/d1\.png: mask file not found"):
+        masked(masked_dir)
+    (masked_dir / "masks").rename(masked_dir / "elsewhere")
+    with pytest.raises(DatasetNotFoundError, match=r"birds/masks: not found; expected a masks"):
+        masked(masked_dir)
+    # masks_path points at the moved tree; only d1's mask is still missing
+    with pytest.warns(UserWarning, match="skipped 1 bad item"):
+        dataset = masked(masked_dir, skip_bad=True,
+                         options={"masks_path": str(masked_dir / "elsewhere")})  # fmt: skip
+    assert len(dataset) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("text", "cannot decode mask"),
+        ("truncated", "cannot decode mask"),
+        ("rgb", "mask of mode 'RGB'; expected a greyscale or palette PNG"),
+    ],
+)
+def test_a_malformed_mask_is_a_one_line_error_naming_it(masked_dir, content, expected):
+    path = masked_dir / "masks" / "val" / "cat" / "c1.png"
+    if content == "text":
+        path.write_text("not a mask")
+    elif content == "truncated":
+        path.write_bytes(path.read_bytes()[:60])
+    else:
+        write_mask(path, np.zeros((32, 32, 3), np.uint8))
+    (masked_dir / "val" / "dog" / "d1.jpg").unlink()
+    dataset = masked(masked_dir)
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: {expected}")) as error:
+        dataset[1]
+    assert "\n" not in str(error.value)
+    # with skip_bad, the bad mask's item is dropped and counted
+    with pytest.warns(UserWarning, match="skipped 1 bad item"):
+        assert len(masked(masked_dir, skip_bad=True)) == 2
+
+
+def test_void_value_must_be_a_positive_pixel_value(masked_dir):
+    with pytest.raises(ValueError, match="void_value must be a positive pixel value"):
+        masked(masked_dir, options={"void_value": 0})
+
+
+def test_data_info_reports_the_masks(masked_dir, tmp_path, capsys):
+    grid = tmp_path / "grid.png"
+    argv = ["data", "info", "imagefolder", "--data-path", str(masked_dir), "--split", "val",
+            "--img-size", str(SIZE), "--set", "void_value=255", "--masks", "--skip-bad",
+            "--grid", str(grid)]  # fmt: skip
+    with pytest.warns(UserWarning):
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"masks: (\d+) images with masks; mean object share ([0-9.]+)", out)
+    assert found and int(found[1]) == 3
+    assert float(found[2]) == pytest.approx(sum(SHARES) / 3, abs=5e-5)
+    assert "skipped 1 bad item(s); first: " in out and "d1.png: mask file not found" in out
+    assert grid.stat().st_size > 0
+    # without --skip-bad the missing mask stops the command with its name
+    assert main(argv[:-3]) == 1
+    assert "d1.png: mask file not found" in capsys.readouterr().err
+
+
+def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
+    config = load_config(
+        values={
+            "model": "se_vit_tiny_patch4_32",
+            "model_kwargs": {"depth": 1, "embed_dim": 24},
+            "dataset": "imagefolder",
+            "data_path": str(masked_dir),
+            "img_size": SIZE,
+            "num_workers": 0,
+        }
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(config, run_dir / "config.yaml")
+    model = create_model(config.model, num_classes=2, img_size=SIZE, **config.model_kwargs)
+    save_weights(model, run_dir / "model.safetensors")
+    images, masks = masked_dir / "val" / "cat", masked_dir / "masks" / "val" / "cat"
+    out = tmp_path / "attention.png"
+    argv = ["attention", str(run_dir), "--images", str(images), "--masks", str(masks)]
+    assert main([*argv, "--out", str(out)]) == 0
+    # input + 3 heads + kept patches + object mask = 6 panels wide, 2 rows; 100 dpi
+    with Image.open(out) as picture:
+        assert picture.size == (
+            round(6 * PANEL_INCHES * 100),
+            round((2 * PANEL_INCHES + 0.4) * 100),
+        )
+    (masks / "c1.png").unlink()
+    with pytest.raises(SystemExit, match=r"attention: .*cat/c1\.png: mask file not found for"):
+        main([*argv, "--out", str(out)])
