@@ -285,7 +285,8 @@ def _folder_images(
             if not mask_path.is_file():
                 raise FileNotFoundError(f"{mask_path}: mask file not found for {path}")
             mask, was_resized = open_object_mask(mask_path, image.size)
-            resized += [mask_path] if was_resized else []
+            if was_resized:
+                resized.append(mask_path)
         tensor, mask = transform(image, mask)
         images.append(tensor)
         masks.append(mask)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from spatial_entropy.checkpoint import save_weights
 from spatial_entropy.cli import main
 from spatial_entropy.config import load_config, save_config
-from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset
+from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset, dataset_class
 from spatial_entropy.evaluation import evaluate_attention
 from spatial_entropy.models import create_model
 from spatial_entropy.visualize import PANEL_INCHES
@@ -109,6 +109,15 @@ def test_uniform_attention_scores_the_object_share_of_the_valid_pixels(masked_di
     assert result["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
 
 
+def test_has_masks_looks_for_the_masks_folder(masked_dir, voc_dir):
+    imagefolder, voc, cifar = (dataset_class(n) for n in ("imagefolder", "voc2012", "cifar10"))
+    assert imagefolder.has_masks(masked_dir) and voc.has_masks(voc_dir)
+    assert not cifar.has_masks(masked_dir) and not imagefolder.has_masks(None)
+    (masked_dir / "masks").rename(masked_dir / "elsewhere")
+    assert not imagefolder.has_masks(masked_dir)
+    assert imagefolder.has_masks(masked_dir, masks_path=str(masked_dir / "elsewhere"))
+
+
 def test_a_missing_mask_is_an_error_naming_it(masked_dir):
     with pytest.raises(DatasetNotFoundError, match=r"masks/val/dog/d1\.png: mask file not found"):
         masked(masked_dir)
@@ -200,3 +209,5 @@ def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
     (masks / "c1.png").unlink()
     with pytest.raises(SystemExit, match=r"attention: .*cat/c1\.png: mask file not found for"):
         main([*argv, "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"masks_dir \(--masks\) needs images_dir"):
+        main(["attention", str(run_dir), "--masks", str(masks), "--out", str(out)])

@@ -164,6 +164,16 @@ class VisionDataset(Dataset):
         """Per-item records of file-backed datasets (paths), aligned with ``targets``."""
         self.skipped_reasons: list[str] = []
 
+    @classmethod
+    def has_masks(cls, root: str | os.PathLike | None, **options: Any) -> bool:
+        """Whether the dataset at ``root`` with ``options`` can give masks (``with_masks``).
+
+        True when the dataset always has masks; datasets whose masks are optional (imagefolder)
+        look at ``root``. Code that wants masks wherever they exist (a run's evaluation) asks
+        this instead of failing on a dataset without them.
+        """
+        return cls.mask_dtype is not None
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -48,8 +49,9 @@ class ImageFolder(VisionDataset):
 
     splits = {"train": "train", "val": "val", "test": "test"}
     mask_fill = VOID
-    # None for the class: masks are optional here, so code that asks every dataset with
-    # masks for them (load_run) leaves ImageFolder out; an instance asked for masks sets it.
+    # None for the class: masks are optional here (see has_masks), and code that asks every
+    # dataset with a mask_dtype for masks (load_run) must leave mask-less trees alone; an
+    # instance asked for masks sets it.
     mask_dtype = None
 
     def __init__(
@@ -126,12 +128,17 @@ class ImageFolder(VisionDataset):
         self._report_skipped()
 
     @staticmethod
-    def masks_root(
-        root: str | os.PathLike | None, masks_path: str | os.PathLike | None = None
-    ) -> Path:
+    def masks_root(root: Path, masks_path: str | os.PathLike | None = None) -> Path:
         """The folder holding ``<split>/<class>/<stem>.png`` masks: ``masks_path`` if given,
         else ``<root>/masks``."""
-        return Path(masks_path) if masks_path is not None else Path(root or ".") / "masks"
+        return Path(masks_path) if masks_path is not None else root / "masks"
+
+    @classmethod
+    def has_masks(cls, root: str | os.PathLike | None, **options: Any) -> bool:
+        """Whether the tree at ``root`` has a masks folder (``masks/`` or ``masks_path``)."""
+        if root is None and options.get("masks_path") is None:
+            return False
+        return cls.masks_root(Path(root or "."), options.get("masks_path")).is_dir()
 
     def mask_path(self, image_path: Path) -> Path:
         """Where the mask of ``image_path`` (a file of this split) is expected."""
