@@ -83,8 +83,10 @@ def relative_offsets(positions: Tensor, grid_shape: tuple[int, int]) -> Tensor:
     """
     gh, gw = _check_grid(grid_shape)
     rows, cols = positions // gw, positions % gw
-    delta = torch.stack([rows[..., 0] - rows[..., 1], cols[..., 0] - cols[..., 1]], dim=-1)
-    return delta.float() / delta.new_tensor([gh, gw], dtype=torch.float32)
+    # Python-scalar divisors: no host-to-device copy inside the training step.
+    row_offsets = (rows[..., 0] - rows[..., 1]).float() / gh
+    col_offsets = (cols[..., 0] - cols[..., 1]).float() / gw
+    return torch.stack([row_offsets, col_offsets], dim=-1)
 
 
 class DRLocHead(nn.Module):
