@@ -127,13 +127,17 @@ def drloc_loss(
     """DRLoc loss: L1 error of the head's predicted offsets, averaged over pairs and images.
 
     For each image and pair ``((i, j), (p, q))`` the head sees the two token embeddings
-    concatenated and predicts ``((i - p) / gh, (j - q) / gw)``; the error of a pair is the
-    L1 distance ``|du - tu| + |dv - tv|`` between predicted and true offset (the paper's
-    ``|| . ||_1``). The loss is the **mean** over pairs and images. The reference code sums
-    over the sampled pairs, so its value grows with ``m``; its maintainers agreed that a mean
-    is better (yhlleo/VTs-Drloc issue 11), which makes the loss an unbiased estimate of the
-    expectation over all position pairs whatever ``m`` is. The error is computed in float32
-    even under autocast.
+    concatenated and predicts ``((i - p) / gh, (j - q) / gw)`` (the paper's normalised
+    offsets); the error of a pair is the L1 distance ``|du - tu| + |dv - tv|`` between predicted
+    and true offset (the paper's ``|| . ||_1``). The loss is the **mean** over pairs and
+    images, an unbiased estimate of the expectation over all position pairs whatever ``m`` is
+    (the reference maintainers agreed, in yhlleo/VTs-Drloc issue 11, that the loss must not
+    grow with ``m``). It is computed in float32 even under autocast.
+
+    Scale against the reference code: its default L1 mode regresses raw patch offsets shifted
+    by ``H - 1`` (no normalisation) and averages over the two coordinates too, so its value is
+    about ``gh / 2`` times ours for the same fit; a lambda taken from the reference code
+    corresponds to a larger lambda here (e.g. about 7x on a 14 x 14 grid).
 
     Args:
         tokens: ``(B, gh * gw, D)`` patch-token embeddings, row-major on the grid (prefix

@@ -127,7 +127,8 @@ class DRLocRegularizer:
     ``attach(model)`` hooks the model's final ``norm`` (its output, prefix tokens such as
     [CLS], distillation and register tokens removed, is the ``(B, gh * gw, D)`` patch-token
     embedding; for ``global_pool="avg"`` models that norm is an identity and the tokens are
-    those fed to the pooling) and ``patch_embed`` (for the grid, so ``dynamic_img_size`` and
+    those fed to the pooling; the reference code reads its ViT and Swin tokens before the final
+    norm) and ``patch_embed`` (for the grid, so ``dynamic_img_size`` and
     non-square inputs work), and builds the localisation MLP :class:`DRLocHead` on the
     model's device as :attr:`module`. No [CLS] token is needed.
 
@@ -139,7 +140,8 @@ class DRLocRegularizer:
     returns 0 and draws nothing, so evaluating does not shift the training samples.
 
     Args:
-        weight: lambda, constant (reference: 0.1 for T2T-ViT/CvT, 0.5 for Swin).
+        weight: lambda, constant (paper: 0.1 for T2T-ViT/CvT, 0.5 for Swin, on the reference
+            code's loss scale, see :func:`~spatial_entropy.drloc.drloc_loss`).
         pairs: position pairs per image ``m`` (reference: 64).
         hidden: width of the MLP's two hidden layers (reference: 512).
         seed: seed of the sampling stream; under DDP give each rank its own.
