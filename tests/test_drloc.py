@@ -166,8 +166,8 @@ def test_captures_the_final_patch_tokens_on_their_grid(key: str) -> None:
     with torch.no_grad():
         expected = model.forward_features(images)[:, prefix:]
     gh, gw = images.shape[-2] // 16, images.shape[-1] // 16
-    assert drloc._grid_shape == (gh, gw)
-    torch.testing.assert_close(drloc._tokens.detach(), expected)
+    assert drloc.grid_shape == (gh, gw)
+    torch.testing.assert_close(drloc.tokens.detach(), expected)
     # Value through the public pieces, with the same draw (seed 0): weight * drloc_loss.
     value = drloc()
     positions = sample_position_pairs(2, (gh, gw), 8, torch.Generator().manual_seed(0))
@@ -287,7 +287,7 @@ def test_distributed_data_parallel_model_and_head(tmp_path) -> None:
         drloc().backward()
         with torch.no_grad():
             expected = model.forward_features(images)[:, prefix:]
-        torch.testing.assert_close(drloc._tokens.detach(), expected)
+        torch.testing.assert_close(drloc.tokens.detach(), expected)
         assert model.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
         assert drloc.module.module.layers[0].weight.grad.abs().sum() > 0
     finally:

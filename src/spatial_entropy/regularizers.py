@@ -215,6 +215,20 @@ class DRLocRegularizer:
         )
         self._tokens = output[:, self._num_prefix_tokens :]
 
+    @property
+    def tokens(self) -> Tensor:
+        """``(B, gh * gw, D)`` patch tokens of the latest forward pass, with their graph."""
+        if self._tokens is None:
+            raise RuntimeError("no forward pass has been captured yet")
+        return self._tokens
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(gh, gw)`` patch grid of the latest forward pass."""
+        if self._grid_shape is None:
+            raise RuntimeError("no forward pass has been captured yet")
+        return self._grid_shape
+
     def set_progress(self, t: float, total: float) -> None:
         """Nothing to do: the weight is constant, as in the reference."""
 
@@ -241,15 +255,13 @@ class DRLocRegularizer:
     def __call__(self) -> Tensor:
         if self.module is None or self._grid is None:
             raise RuntimeError("call attach(model) before using the regulariser")
-        if self._tokens is None or self._grid_shape is None:
-            raise RuntimeError("no forward pass has been captured yet")
-        tokens = self._tokens
+        tokens, grid_shape = self.tokens, self.grid_shape
         if not torch.is_grad_enabled():
             return tokens.new_zeros((), dtype=torch.float32)
         positions = sample_position_pairs(
-            tokens.shape[0], self._grid_shape, self.pairs, self._generator_on(tokens.device)
+            tokens.shape[0], grid_shape, self.pairs, self._generator_on(tokens.device)
         )
-        value = drloc_loss(tokens, self._grid_shape, self.module, positions)
+        value = drloc_loss(tokens, grid_shape, self.module, positions)
         self._value = value.detach()
         return self.weight * value
 
