@@ -12,6 +12,7 @@ from spatial_entropy.data import (
     generate_cluttered,
     stratified_subset,
 )
+from spatial_entropy.drloc import drloc_loss
 from spatial_entropy.engine import evaluate, evaluate_run, train
 from spatial_entropy.entropy import (
     SpatialEntropyLoss,
@@ -27,4 +28,8 @@ from spatial_entropy.evaluation import (
     map_statistics,
 )
 from spatial_entropy.models import create_model, load_checkpoint_into, remove_last_skip
-from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+from spatial_entropy.regularizers import (
+    DRLocRegularizer,
+    Regularizer,
+    SpatialEntropyRegularizer,
+)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttentionCapture", "unwrap_model"]
+__all__ = ["AttentionCapture", "PatchGridTracker", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -16,6 +16,54 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
+
+
+class PatchGridTracker:
+    """Record the ``(gh, gw)`` patch grid of each forward pass of a timm ViT.
+
+    A forward pre-hook on ``patch_embed`` reads the input image size and asks the patch
+    embedding for its grid, so ``dynamic_img_size`` models fed any (non-square) size work.
+    Shared by every capture that lays tokens out on the grid.
+
+    Args:
+        patch_embed: the model's ``patch_embed`` (a timm ``PatchEmbed`` with
+            ``dynamic_feat_size``).
+    """
+
+    def __init__(self, patch_embed: nn.Module) -> None:
+        self._grid_shape: tuple[int, int] | None = None
+        self._handle = patch_embed.register_forward_pre_hook(self._on_patch_embed)
+
+    def _on_patch_embed(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        height, width = args[0].shape[-2:]
+        self._grid_shape = tuple(module.dynamic_feat_size((height, width)))
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(gh, gw)`` patch grid of the latest forward pass."""
+        if self._grid_shape is None:
+            raise RuntimeError("no forward pass has been captured yet")
+        return self._grid_shape
+
+    def check_tokens(self, tokens: int, num_prefix_tokens: int, where: str) -> tuple[int, int]:
+        """The grid of the running forward pass, checked against a token count seen there.
+
+        Raises:
+            RuntimeError: no ``patch_embed`` call preceded, or the count is not
+                ``num_prefix_tokens + gh * gw`` (e.g. patch dropout).
+        """
+        if self._grid_shape is None:
+            raise RuntimeError(f"{where} ran without patch_embed; call the model itself")
+        gh, gw = self._grid_shape
+        if tokens - num_prefix_tokens != gh * gw:
+            raise RuntimeError(
+                f"expected {num_prefix_tokens} prefix + {gh}x{gw} patch tokens in {where}, got "
+                f"{tokens} tokens; patch dropout (patch_drop_rate) is not supported"
+            )
+        return gh, gw
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 class AttentionCapture:
@@ -82,27 +130,13 @@ class AttentionCapture:
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.num_heads: int = self._attn.num_heads
         self._cls_scores: Tensor | None = None
-        self._grid_shape: tuple[int, int] | None = None
-        self._handles: list[RemovableHandle] = [
-            patch_embed.register_forward_pre_hook(self._on_patch_embed),
-            self._attn.qkv.register_forward_hook(self._on_qkv),
-        ]
-
-    def _on_patch_embed(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        height, width = args[0].shape[-2:]
-        self._grid_shape = tuple(module.dynamic_feat_size((height, width)))
+        self._grid = PatchGridTracker(patch_embed)
+        self._handles: list[RemovableHandle] = [self._attn.qkv.register_forward_hook(self._on_qkv)]
 
     def _on_qkv(self, module: nn.Module, args: tuple[Tensor, ...], qkv: Tensor) -> None:
         attn = self._attn
         batch, tokens, _ = qkv.shape
-        if self._grid_shape is None:
-            raise RuntimeError("the last block ran without patch_embed; call the model itself")
-        gh, gw = self._grid_shape
-        if tokens - self.num_prefix_tokens != gh * gw:
-            raise RuntimeError(
-                f"expected {self.num_prefix_tokens} prefix + {gh}x{gw} patch tokens in the last "
-                f"block, got {tokens} tokens; patch dropout (patch_drop_rate) is not supported"
-            )
+        self._grid.check_tokens(tokens, self.num_prefix_tokens, "the last block")
         # Same layout as timm's Attention.forward: (B, N, 3, heads, head_dim).
         qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
         q_cls = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, heads, 1, head_dim)
@@ -131,12 +165,11 @@ class AttentionCapture:
     @property
     def grid_shape(self) -> tuple[int, int]:
         """``(gh, gw)`` patch grid of the latest forward pass."""
-        if self._grid_shape is None:
-            raise RuntimeError("no forward pass has been captured yet")
-        return self._grid_shape
+        return self._grid.grid_shape
 
     def remove(self) -> None:
         """Detach the hooks; the latest capture stays readable."""
+        self._grid.remove()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

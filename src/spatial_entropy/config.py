@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "DRLocConfig",
     "SpatialEntropyConfig",
     "TrainConfig",
     "load_config",
@@ -32,6 +33,22 @@ class SpatialEntropyConfig:
     schedule: str = "warmup_cosine"  # "constant" or "warmup_cosine"
     warmup_epochs: float = 10.0  # linear warm-up of lambda (warmup_cosine only)
     per_step: bool = True  # update lambda every optimiser step (else once per epoch)
+
+
+@dataclass
+class DRLocConfig:
+    """The DRLoc regulariser (Liu et al. 2021): ``total loss = task loss + weight * DRLoc``."""
+
+    weight: float = 0.0  # constant lambda; 0 turns it off (reference: 0.1 T2T/CvT, 0.5 Swin)
+    pairs: int = 64  # position pairs sampled per image
+    hidden: int = 512  # width of the localisation MLP's two hidden layers
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"config key 'drloc.weight' must be >= 0, got {self.weight}")
+        for key, value in {"drloc.pairs": self.pairs, "drloc.hidden": self.hidden}.items():
+            if value < 1:
+                raise ValueError(f"config key {key!r} must be >= 1, got {value}")
 
 
 @dataclass
@@ -83,6 +100,7 @@ class TrainConfig:
     model_ema: bool = False
     model_ema_decay: float = 0.99996
     se: SpatialEntropyConfig = field(default_factory=SpatialEntropyConfig)
+    drloc: DRLocConfig = field(default_factory=DRLocConfig)
     # runtime
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -223,7 +241,8 @@ def load_config(
             node = node.setdefault(parent, {})
         node[leaf] = _coerce(key, value, types_by_key[key])
     se = SpatialEntropyConfig(**nested.pop("se", {}))
-    return TrainConfig(**nested, se=se)
+    drloc = DRLocConfig(**nested.pop("drloc", {}))
+    return TrainConfig(**nested, se=se, drloc=drloc)
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
