@@ -14,11 +14,11 @@ from spatial_entropy.evaluation import (
     attention_masks,
     evaluate_attention,
     jaccard_index,
-    load_run,
     map_statistics,
     object_masks,
 )
 from spatial_entropy.models import create_model
+from spatial_entropy.runs import load_run
 
 # A 2x2 patch grid over a 4x4 image: patch p covers a 2x2 block of pixels, in raster order.
 GRID = (2, 2)

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.scheduler_factory import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, random_seed
+from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -45,10 +44,11 @@ from spatial_entropy.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from spatial_entropy.evaluation import AttentionStatistics, load_run
+from spatial_entropy.evaluation import evaluate, evaluate_run
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+from spatial_entropy.runs import RunPaths
 
 __all__ = [
     "train",
@@ -59,10 +59,6 @@ __all__ = [
     "build_training_run",
     "build_datasets",
 ]
-
-CONFIG_NAME = "config.yaml"
-WEIGHTS_NAME = "model.safetensors"
-EMA_WEIGHTS_NAME = "model_ema.safetensors"
 
 
 def build_regularizers(config: TrainConfig) -> list[Regularizer]:
@@ -200,60 +196,7 @@ def train_one_epoch(
 
 
 ATTENTION_KEYS = ("se_mean", "regions_mean", "single_region_share")
-"""The attention statistics that :func:`evaluate` adds with ``attention=True``."""
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    *,
-    attention: bool = False,
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
-
-    With ``attention``, also the spatial-entropy statistics of the last block's [CLS] attention
-    maps (``se_mean``, ``regions_mean``, ``single_region_share``; see
-    ``evaluation.AttentionStatistics``), captured with hooks that are removed afterwards; the
-    model must be a timm ViT with a [CLS] token. Under torchrun each rank passes its shard (see
-    ``build_eval_loader``); sums are reduced over ranks, so every rank returns the metrics of
-    the whole set.
-    """
-    model.eval()
-    capture = AttentionCapture(model) if attention else None
-    statistics = None
-    if capture is not None:
-        statistics = AttentionStatistics(num_heads=capture.num_heads, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    try:
-        for images, targets, *_ in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = model(images)
-            output = output.float()
-            top1, top5 = accuracy(output, targets, topk=(1, min(5, output.shape[-1])))
-            batch = targets.shape[0]
-            loss = F.cross_entropy(output, targets, reduction="sum")
-            correct = torch.stack([top1, top5]).double() * batch / 100
-            sums += torch.cat([loss.double()[None], correct, sums.new_tensor([batch])])
-            if statistics is not None:
-                statistics.update(capture.logits, capture.grid_shape)
-    finally:
-        if capture is not None:
-            capture.remove()
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    if count == 0:
-        raise ValueError("evaluation set is empty")
-    metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count,
-               "images": int(count)}  # fmt: skip
-    if statistics is not None:
-        # Sums of every rank's shard, not a mean of the ranks' means (shards differ in size).
-        attention_stats = statistics.compute(reduce=all_reduce_sum)
-        metrics |= {key: attention_stats[key] for key in ATTENTION_KEYS}
-    return metrics
+"""The attention statistics that training logs for the validation set (models with [CLS])."""
 
 
 def _has_cls_attention(model: nn.Module) -> bool:
@@ -365,7 +308,7 @@ class RunLog:
     """Per-epoch rows in ``log.csv`` (and TensorBoard if installed); main process only."""
 
     def __init__(self, run_dir: Path, enabled: bool, first_epoch: int) -> None:
-        self.path = run_dir / "log.csv"
+        self.path = RunPaths(run_dir).log
         self.enabled = enabled
         self.tensorboard = None
         if not enabled:
@@ -380,7 +323,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional
             return
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tensorboard = SummaryWriter(str(RunPaths(run_dir).tensorboard))
 
     def _write(self) -> None:
         text = io.StringIO()
@@ -440,7 +383,8 @@ def _train(
     resume: bool,
     datasets: tuple[Dataset, Dataset] | None,
 ) -> dict[str, Any]:
-    checkpoint_dir = run_dir / "checkpoints"
+    paths = RunPaths(run_dir)
+    checkpoint_dir = paths.checkpoints
     stem = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
     if stem is not None and not resume:
         raise FileExistsError(
@@ -449,7 +393,7 @@ def _train(
         )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_NAME)
+        save_config(cfg, paths.config)
 
     train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
     train_loader = build_train_loader(
@@ -544,10 +488,10 @@ def _train(
         **({"ema": {k[4:]: v for k, v in val.items() if k.startswith("ema_")}} if run.ema else {}),
     }  # fmt: skip
     if info.is_main:
-        save_weights(unwrap_model(run.model), run_dir / WEIGHTS_NAME)
+        save_weights(unwrap_model(run.model), paths.weights)
         if run.ema is not None:
-            save_weights(run.ema.module, run_dir / EMA_WEIGHTS_NAME)
-        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+            save_weights(run.ema.module, paths.ema_weights)
+        atomic_write(paths.metrics, json.dumps(metrics, indent=2).encode())
     for reg in run.regularizers:
         reg.remove()
     return metrics
@@ -562,35 +506,21 @@ def _evaluate_all(run: TrainingRun, loader: DataLoader) -> dict[str, float]:
     # The bare model: ranks may hold shards of different lengths, and DDP's forward may sync.
     model = unwrap_model(run.model)
     device, attention = run.info.device, _has_cls_attention(model)
-    metrics = evaluate(model, loader, device, run.amp_dtype, attention=attention)
+    metrics = _evaluate_for_log(model, loader, device, run.amp_dtype, attention)
     if run.ema is not None:
-        ema_metrics = evaluate(run.ema.module, loader, device, run.amp_dtype, attention=attention)
+        ema_metrics = _evaluate_for_log(run.ema.module, loader, device, run.amp_dtype, attention)
         metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
     return metrics
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    split: str = "test",
-    checkpoint: str | Path | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Evaluate a finished run's weights (or ``checkpoint``) on ``split`` of its dataset.
-
-    The model and data come from ``RUN_DIR/config.yaml`` (see ``evaluation.load_run``);
-    ``checkpoint`` is a ``.safetensors`` file or a training checkpoint
-    (``checkpoints/step_*.pt``). Writes ``RUN_DIR/eval.json`` and returns the metrics
-    (``top1``, ``top5`` in percent, ``loss``, ``images``).
-    """
-    model, dataset, cfg = load_run(run_dir, split, checkpoint=checkpoint, with_masks=False)
-    info = init_distributed(device)
-    try:
-        loader = build_eval_loader(dataset, cfg.batch_size, info, num_workers=cfg.num_workers)
-        metrics: dict[str, Any] = evaluate(model.to(info.device), loader, info.device)
-    finally:
-        cleanup_distributed()
-    weights = checkpoint if checkpoint is not None else Path(run_dir) / WEIGHTS_NAME
-    metrics |= {"split": split, "checkpoint": str(weights)}
-    if info.is_main:
-        atomic_write(Path(run_dir) / "eval.json", json.dumps(metrics, indent=2).encode())
-    return metrics
+def _evaluate_for_log(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    attention: bool,
+) -> dict[str, float]:
+    """Accuracy and, for a model with [CLS] attention, the :data:`ATTENTION_KEYS`."""
+    metrics = evaluate(model, loader, device, amp_dtype, attention=attention)
+    return {k: v for k, v in metrics.items() if k in ("top1", "top5", "loss", "images")
+            or k in ATTENTION_KEYS}  # fmt: skip
