@@ -56,7 +56,6 @@ __all__ = [
     "train",
     "train_one_epoch",
     "train_step",
-    "load_resume_state",
     "evaluate",
     "evaluate_run",
     "build_regularizers",
@@ -438,7 +437,7 @@ def _train(
     datasets: tuple[Dataset, Dataset] | None,
 ) -> dict[str, Any]:
     paths = RunPaths(run_dir)
-    stem = _checkpoint_to_resume(paths, resume)
+    resumed = _read_checkpoint_to_resume(paths, resume, cfg.batch_size, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, paths.config)
@@ -447,14 +446,15 @@ def _train(
         train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
     )
     val_loader = build_eval_loader(val_set, cfg.batch_size, info, num_workers=cfg.num_workers)
-    resumed = None if stem is None else load_resume_state(stem, cfg.batch_size, info)
     run = build_training_run(
-        cfg, info, train_set.num_classes, train_set.in_chans, len(train_loader), resumed
-    )
+        cfg, info, train_set.num_classes, train_set.in_chans, len(train_loader),
+        None if resumed is None else resumed[1:],
+    )  # fmt: skip
     # Training randomness (dropout, drop path, Mixup) differs per rank, as in DeiT.
     random_seed(cfg.seed, info.rank)
-    state = TrainState() if resumed is None else resumed[1]
+    state = TrainState()
     if resumed is not None:
+        stem, _, state = resumed
         run.restore_rank_state(state)
         if info.is_main:
             print(f"resumed from {stem} (epoch {state.epoch}, step {state.step})")
@@ -496,12 +496,7 @@ def _train(
 
     if val is None:  # the run had already finished when it was resumed
         val, ema_val = _evaluate_all(run, val_loader)
-    metrics = {
-        **val, "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
-        "steps": run.step, "epochs": cfg.epochs, "train_time_s": time.perf_counter() - clock,
-        **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
-        **({"ema": ema_val} if run.ema is not None else {}),
-    }  # fmt: skip
+    metrics = _final_metrics(run, val, ema_val, train_stats, best, time.perf_counter() - clock)
     if info.is_main:
         save_weights(unwrap_model(run.model), paths.weights)
         if run.ema is not None:
@@ -512,23 +507,26 @@ def _train(
     return metrics
 
 
-def _checkpoint_to_resume(paths: RunPaths, resume: bool) -> Path | None:
-    """The checkpoint that ``RUN_DIR/checkpoints/latest`` names (None in a new run); an
-    existing one without ``resume`` is an error, so a run is never overwritten by accident."""
+def _read_checkpoint_to_resume(
+    paths: RunPaths, resume: bool, batch_size: int, info: DistributedInfo
+) -> tuple[Path, dict[str, Tensor], TrainState] | None:
+    """``(stem, weights, state)`` of the checkpoint that ``RUN_DIR/checkpoints/latest`` names,
+    or None in a new run.
+
+    Raises:
+        FileExistsError: the run has checkpoints but ``resume`` is False (a run is never
+            overwritten by accident).
+        ValueError: the checkpoint was written with another global batch (``batch_size`` x
+            processes), so the data order and the schedule would not continue.
+    """
     stem = latest_checkpoint(paths.checkpoints) if paths.checkpoints.exists() else None
-    if stem is not None and not resume:
+    if stem is None:
+        return None
+    if not resume:
         raise FileExistsError(
             f"{paths.root} already holds checkpoints; pass --resume auto to continue that run, "
             "or choose another --output"
         )
-    return stem
-
-
-def load_resume_state(
-    stem: Path, batch_size: int, info: DistributedInfo
-) -> tuple[dict[str, Tensor], TrainState]:
-    """The weights and :class:`TrainState` of checkpoint ``stem``, checked against this run:
-    the global batch (``batch_size`` x processes) must be the one it was written with."""
     weights, saved = load_checkpoint(stem)
     state = TrainState.from_dict(saved)
     if state.global_batch != batch_size * info.world_size:
@@ -536,7 +534,27 @@ def load_resume_state(
             f"{stem} was written with a global batch of {state.global_batch}; "
             f"this run has {batch_size} x {info.world_size} processes"
         )
-    return weights, state
+    return stem, weights, state
+
+
+def _final_metrics(
+    run: TrainingRun,
+    val: dict[str, float],
+    ema_val: dict[str, float] | None,
+    train_stats: dict[str, float],
+    best: dict[str, Any],
+    elapsed: float,
+) -> dict[str, Any]:
+    """``metrics.json``: the last validation, the best top-1, the run's length and time, the
+    last epoch's training statistics, and the EMA model's validation (with EMA)."""
+    metrics = {
+        **val, "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
+        "steps": run.step, "epochs": run.config.epochs, "train_time_s": elapsed,
+        **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
+    }  # fmt: skip
+    if run.ema is not None:
+        metrics["ema"] = ema_val
+    return metrics
 
 
 def _log_row(
