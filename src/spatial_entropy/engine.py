@@ -1,4 +1,4 @@
-"""Training and evaluation loops: the DeiT recipe from timm's parts, DDP, checkpoints and logs."""
+"""Training: the DeiT recipe from timm's parts, DDP, checkpoints and per-epoch logs."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from spatial_entropy.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from spatial_entropy.evaluation import evaluate, evaluate_run
+from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
@@ -108,7 +108,7 @@ class TrainingRun:
         enabled = self.amp_dtype is not None
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype, enabled=enabled)
 
-    def state(
+    def checkpoint_state(
         self, epoch: int, batch: int, best: dict[str, Any], elapsed: float
     ) -> TrainState | None:
         """The checkpoint state after ``batch`` batches of ``epoch``.
@@ -462,7 +462,8 @@ def _train(
     best, clock = state.best, time.perf_counter() - state.elapsed  # elapsed = now - clock
 
     def save(epoch: int, batch: int) -> None:
-        snapshot = run.state(epoch, batch, best, time.perf_counter() - clock)  # collective
+        # Collective: every rank contributes; rank 0 gets the state and writes it.
+        snapshot = run.checkpoint_state(epoch, batch, best, time.perf_counter() - clock)
         if info.is_main:
             model = unwrap_model(run.model)
             save_checkpoint(

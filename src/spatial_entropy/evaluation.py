@@ -1,5 +1,4 @@
-"""Evaluation in one pass over the data: accuracy and [CLS] attention statistics (spatial
-entropy, regions, Jaccard against object masks), of a model or of a trained run."""
+"""Evaluation in one pass: accuracy and [CLS] attention statistics (entropy, regions, Jaccard)."""
 
 from __future__ import annotations
 
@@ -236,8 +235,7 @@ class AttentionStatistics:
     Call :meth:`update` after each forward pass (with the captured [CLS] logits, and with the
     post-softmax attention and masks when the data has object masks), then :meth:`compute`.
     Only sums are kept (on the device of the logits), so shards evaluated on several processes
-    combine exactly: pass a cross-process sum to :meth:`compute` (the engine does, to log
-    per-epoch statistics of the validation set under torchrun).
+    combine exactly: pass a cross-process sum to :meth:`compute` (as :func:`evaluate` does).
 
     Args:
         mass: share of the attention mass kept for the Jaccard.
