@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from spatial_entropy import AttentionCapture
-from spatial_entropy.evaluation import load_run
+from spatial_entropy.runs import load_run
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -49,7 +49,7 @@ import torch
 from spatial_entropy.config import load_config
 from spatial_entropy.data import build_dataset
 from spatial_entropy.engine import train
-from spatial_entropy.evaluation import evaluate_run_attention
+from spatial_entropy.evaluation import evaluate_run
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "se_vit_small_patch8_64"
@@ -178,7 +178,7 @@ def run_one(
     if not (run_dir / "metrics.json").is_file():
         train(config, run_dir, resume=(run_dir / "checkpoints").is_dir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    attention = evaluate_run_attention(run_dir, "test", device=device, mass=0.6)
+    attention = evaluate_run(run_dir, "test", device=device, attention=True, mass=0.6)
     result = {
         "n_per_class": size.n_per_class,
         "epochs": epochs,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from spatial_entropy.checkpoint import (
+    RankState,
+    TrainState,
     atomic_write,
     get_rng_state,
     latest_checkpoint,
@@ -109,3 +111,36 @@ def test_loading_never_unpickles_code(tmp_path):
     torch.save({"step": 1, "evil": _Payload()}, tmp_path / "step_00000001.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(latest_checkpoint(tmp_path))
+
+
+def test_train_state_round_trips_through_a_checkpoint(tmp_path):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    ranks = [RankState(get_rng_state(), {"loss": torch.tensor(2.5, dtype=torch.float64)})]
+    state = TrainState(
+        epoch=3, batch=2, step=17, elapsed=1.5, best={"top1": 50.0, "epoch": 2, "step": 15},
+        global_batch=8, optimizer=optimizer.state_dict(), ema=model.state_dict(), ranks=ranks,
+    )  # fmt: skip
+    stem = save_checkpoint(tmp_path, state.step, model, state.to_dict())
+    _, saved = load_checkpoint(stem)  # weights_only: plain values and tensors only
+    restored = TrainState.from_dict(saved)
+    assert (restored.epoch, restored.batch, restored.step) == (3, 2, 17)
+    assert restored.best == {"top1": 50.0, "epoch": 2, "step": 15}
+    assert restored.ranks[0].epoch_sums["loss"].item() == 2.5
+    assert torch.equal(restored.ema["0.weight"], model.state_dict()["0.weight"])
+    assert restored.optimizer["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    set_rng_state(restored.ranks[0].rng)
+    first = _draws()
+    set_rng_state(ranks[0].rng)
+    assert _draws() == first
+
+
+def test_train_state_defaults_missing_keys_and_refuses_unknown_ones():
+    # A checkpoint written before a field existed loads with the field's default.
+    assert TrainState.from_dict({"epoch": 1, "step": 5}) == TrainState(epoch=1, step=5)
+    with pytest.raises(ValueError, match=r"unknown keys \['rng_of_the_future'\]"):
+        TrainState.from_dict({"rng_of_the_future": 1})
+    with pytest.raises(ValueError, match="RankState"):
+        TrainState.from_dict({"ranks": [{"rng": {}, "extra": 1}]})

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spatial_entropy.checkpoint import save_weights
+from spatial_entropy.config import load_config, save_config
 from spatial_entropy.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -83,3 +85,44 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
         p.name for p in (tmp_path / "single").iterdir()
     )
+
+
+def test_evaluate_with_attention_under_torchrun_matches_one_process(tmp_path):
+    """Two ranks evaluate shards of unequal size (7 images); the reduced accuracy, statistics
+    and Jaccard equal those of one process over the whole split, and rank 0 writes eval.json."""
+    values = {
+        "model": "se_vit_tiny_patch4_32",
+        "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+        "dataset": "cluttered-fashion",
+        "data_options": {"test_size": 7, "cache_dir": str(tmp_path / "cache")},
+        "batch_size": 2,
+        "num_workers": 0,
+    }
+    results = {}
+    for name in ("single", "ddp"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        save_config(load_config(values=values), run_dir / "config.yaml")
+        torch.manual_seed(0)
+        model = create_model(values["model"], num_classes=10, in_chans=1, **values["model_kwargs"])
+        save_weights(model, run_dir / "model.safetensors")
+        # The single run goes first, so the cached scenes exist before two ranks read them.
+        launcher = [sys.executable]
+        if name == "ddp":
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        command = [*launcher, "-m", "spatial_entropy", "evaluate", str(run_dir), "--attention"]
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = json.loads((run_dir / "eval.json").read_text())
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "config.yaml", "eval.json", "model.safetensors"
+        ]  # fmt: skip
+
+    single, ddp = results["single"], results["ddp"]
+    assert list(ddp) == list(single)
+    assert ddp["images"] == single["images"] == ddp["jaccard_images"] == 7
+    for key in ("top1", "top5", "loss", "se_mean", "regions_mean", "jaccard"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-6), key
+    for key in ("se_per_head", "jaccard_per_head"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-6), key

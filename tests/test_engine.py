@@ -237,3 +237,20 @@ def test_validation_spatial_entropy_is_logged_per_epoch(tmp_path):
         assert regions >= 1 - share and 0 <= share <= 1
     assert metrics["se_mean"] == pytest.approx(float(rows[-1]["val_se_mean"]), rel=1e-9)
     assert json.loads((tmp_path / "metrics.json").read_text())["se_mean"] == metrics["se_mean"]
+
+
+def test_resume_refusals_leave_the_run_as_it_was(tmp_path):
+    data = _Images(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+                   torch.arange(8) % 3)  # fmt: skip
+    vit = dict(model="se_vit_tiny_patch4_32", img_size=16,
+               model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2})  # fmt: skip
+    recipe = dict(epochs=1, batch_size=4, num_workers=0, mixup=0, cutmix=0, se={"weight": 0})
+    train(load_config(values=vit | recipe), tmp_path, datasets=(data, data))
+    written = (tmp_path / "config.yaml").read_text()
+
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(load_config(values=vit | recipe), tmp_path, datasets=(data, data))
+    other_batch = load_config(values=vit | recipe | {"batch_size": 2})
+    with pytest.raises(ValueError, match="global batch of 4; this run has 2 x 1"):
+        train(other_batch, tmp_path, resume=True, datasets=(data, data))
+    assert (tmp_path / "config.yaml").read_text() == written

@@ -4,17 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.checkpoint import save_weights
-from spatial_entropy.config import load_config, save_config
 from spatial_entropy.evaluation import (
     AttentionStatistics,
     attention_jaccard,
     attention_masks,
+    evaluate,
     evaluate_attention,
     jaccard_index,
-    load_run,
     map_statistics,
     object_masks,
 )
@@ -251,27 +250,44 @@ def test_evaluate_attention_matches_the_functions():
     assert "jaccard" not in unmasked
 
 
-def test_load_run_loads_its_own_weights_strictly(tmp_path):
-    config = load_config(
-        values={
-            "model": "se_vit_tiny_patch4_32",
-            "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
-            "dataset": "cluttered-fashion",
-            "data_options": {"test_size": 2, "cache_dir": str(tmp_path / "cache")},
-        }
-    )
-    save_config(config, tmp_path / "config.yaml")
-    kwargs = dict(in_chans=1, **config.model_kwargs)
-    torch.manual_seed(0)
-    trained = create_model(config.model, num_classes=10, **kwargs)
-    save_weights(trained, tmp_path / "model.safetensors")
-    model, dataset, _ = load_run(tmp_path, with_masks=False)
-    assert dataset.num_classes == 10
-    for key, value in trained.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+class _CountingLoader(list):
+    """A list of batches that counts how often it is walked."""
 
-    # Weights with another class count: an error, not a silently re-initialised head.
-    other_task = create_model(config.model, num_classes=7, **kwargs)
-    save_weights(other_task, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"10 classes.*head.weight: checkpoint \(7, 32\)"):
-        load_run(tmp_path, with_masks=False)
+    walks = 0
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+
+def test_evaluate_computes_accuracy_and_attention_in_one_pass():
+    torch.manual_seed(0)
+    model = create_model("se_vit_tiny_patch4_32", num_classes=3, depth=1, in_chans=1)
+    images = torch.randn(5, 1, 32, 32)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    masks = torch.zeros(5, 32, 32, dtype=torch.bool)
+    masks[:, 4:20, 8:24] = True
+    loader = _CountingLoader(
+        [(images[:3], labels[:3], masks[:3]), (images[3:], labels[3:], masks[3:])]
+    )
+    result = evaluate(model, loader, attention=True)
+    assert loader.walks == 1
+
+    # Oracle: the whole set in one forward pass, scored by hand and by the metric functions.
+    model.eval()
+    with torch.no_grad(), AttentionCapture(model) as capture:
+        output = model(images)
+    hits = (output.argmax(dim=1) == labels).double().mean().item()
+    entropy, _ = map_statistics(capture.logits, capture.grid_shape)
+    scores, _ = attention_jaccard(capture.attention, capture.grid_shape, masks)
+    assert result["top1"] == pytest.approx(100 * hits)
+    assert result["top5"] == 100.0  # 3 classes: every label is among the top 5
+    assert result["loss"] == pytest.approx(F.cross_entropy(output, labels).item(), rel=1e-6)
+    assert result["se_mean"] == pytest.approx(entropy.mean().item(), abs=1e-6)
+    assert result["jaccard"] == pytest.approx(scores.mean().item())
+    assert result["images"] == 5 and result["jaccard_images"] == 5
+
+    plain = evaluate(model, [(images, labels)])
+    assert set(plain) == {"top1", "top5", "loss", "images"}
+    with pytest.raises(ValueError, match="accuracy or attention"):
+        evaluate(model, [(images, labels)], accuracy=False)

@@ -13,7 +13,7 @@ from spatial_entropy.data import (
     stratified_subset,
 )
 from spatial_entropy.drloc import drloc_loss
-from spatial_entropy.engine import evaluate, evaluate_run, train
+from spatial_entropy.engine import train
 from spatial_entropy.entropy import (
     SpatialEntropyLoss,
     reference_spatial_entropy,
@@ -24,7 +24,9 @@ from spatial_entropy.evaluation import (
     AttentionStatistics,
     attention_jaccard,
     attention_masks,
+    evaluate,
     evaluate_attention,
+    evaluate_run,
     map_statistics,
 )
 from spatial_entropy.models import create_model, load_checkpoint_into, remove_last_skip

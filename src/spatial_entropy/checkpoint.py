@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 __all__ = [
+    "RankState",
+    "TrainState",
     "atomic_write",
     "get_rng_state",
     "set_rng_state",
@@ -114,6 +117,62 @@ def preserved_rng(enabled: bool = True) -> Iterator[None]:
         random.setstate(outer[0])
         np.random.set_state(outer[1])  # noqa: NPY002
         torch.set_rng_state(outer[2])
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _from_fields(cls: type, values: Mapping[str, Any]) -> Any:
+    unknown = sorted(values.keys() - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(
+            f"Expected the keys of {cls.__name__} in a training checkpoint, but got unknown "
+            f"keys {unknown} (written by a newer version?)"
+        )
+    return cls(**values)
+
+
+@dataclass
+class RankState:
+    """What each process saves of its own: every rank draws its own random numbers (dropout,
+    Mixup) and sums its own statistics of the current epoch."""
+
+    rng: dict[str, Any]  # see get_rng_state
+    epoch_sums: dict[str, Tensor] = field(default_factory=dict)  # on the CPU
+
+
+@dataclass
+class TrainState:
+    """Everything a training checkpoint holds besides the model's weights.
+
+    A fresh run starts from ``TrainState()``. :meth:`to_dict` gives the plain dict that
+    :func:`save_checkpoint` writes and :meth:`from_dict` reads it back, so a checkpoint holds
+    only tensors and plain values. A field added later needs a default: checkpoints written
+    before it existed then load with the default.
+    """
+
+    epoch: int = 0  # the epoch to continue
+    batch: int = 0  # batches of ``epoch`` already done
+    step: int = 0  # optimiser steps done
+    elapsed: float = 0.0  # seconds of training so far, over all sessions
+    best: dict[str, Any] = field(default_factory=dict)  # best validation top1, epoch, step
+    global_batch: int = 0  # images per step over all processes
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] | None = None  # the EMA model's state dict, with model_ema
+    ranks: list[RankState] = field(default_factory=list)  # indexed by rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of tensors and Python values, for :func:`save_checkpoint`."""
+        return _fields_of(self) | {"ranks": [_fields_of(rank) for rank in self.ranks]}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> TrainState:
+        """The state that :meth:`to_dict` gave; raises ValueError on an unknown key."""
+        ranks = [_from_fields(RankState, rank) for rank in state.get("ranks", [])]
+        return _from_fields(cls, {**state, "ranks": ranks})
 
 
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:

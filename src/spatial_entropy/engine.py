@@ -1,4 +1,4 @@
-"""Training and evaluation loops: the DeiT recipe from timm's parts, DDP, checkpoints and logs."""
+"""Training: the DeiT recipe from timm's parts, DDP, checkpoints and per-epoch logs."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.scheduler_factory import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, random_seed
+from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -27,6 +26,8 @@ from tqdm import tqdm
 
 from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.checkpoint import (
+    RankState,
+    TrainState,
     atomic_write,
     get_rng_state,
     latest_checkpoint,
@@ -45,24 +46,22 @@ from spatial_entropy.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from spatial_entropy.evaluation import AttentionStatistics, load_run
+from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+from spatial_entropy.runs import RunPaths
 
 __all__ = [
     "train",
     "train_one_epoch",
+    "train_step",
     "evaluate",
     "evaluate_run",
     "build_regularizers",
     "build_training_run",
     "build_datasets",
 ]
-
-CONFIG_NAME = "config.yaml"
-WEIGHTS_NAME = "model.safetensors"
-EMA_WEIGHTS_NAME = "model_ema.safetensors"
 
 
 def build_regularizers(config: TrainConfig) -> list[Regularizer]:
@@ -109,6 +108,56 @@ class TrainingRun:
         enabled = self.amp_dtype is not None
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype, enabled=enabled)
 
+    def checkpoint_state(
+        self, epoch: int, batch: int, best: dict[str, Any], elapsed: float
+    ) -> TrainState | None:
+        """The checkpoint state after ``batch`` batches of ``epoch``.
+
+        Collective: every rank contributes its :class:`RankState`; the optimiser, schedule,
+        scaler and EMA states are taken on rank 0 only (the other ranks get None, as they
+        write nothing).
+        """
+        own = RankState(get_rng_state(), {k: v.cpu() for k, v in self.epoch_sums.items()})
+        ranks = all_gather_object(own)
+        if not self.info.is_main:
+            return None
+        return TrainState(
+            epoch=epoch, batch=batch, step=self.step, elapsed=elapsed, best=best,
+            global_batch=self.config.batch_size * self.info.world_size,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            ema=None if self.ema is None else self.ema.state_dict(), ranks=ranks,
+        )  # fmt: skip
+
+    def restore_rank_state(self, state: TrainState) -> None:
+        """Continue this rank's random streams and epoch sums from ``state``."""
+        own = state.ranks[self.info.rank]
+        set_rng_state(own.rng)
+        self.epoch_sums = {k: v.to(self.info.device) for k, v in own.epoch_sums.items()}
+
+
+def train_step(run: TrainingRun, images: Tensor, targets: Tensor, progress: float) -> Tensor:
+    """One optimiser step on a batch (already on the device, Mixup applied); returns the task
+    loss. ``progress`` is the training time in epochs that the regularisers' schedules see."""
+    cfg = run.config
+    for reg in run.regularizers:
+        reg.set_progress(progress, cfg.epochs)
+    with run.autocast():
+        loss = run.criterion(run.model(images), targets)
+        total = loss + sum(reg() for reg in run.regularizers)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(total).backward()
+    if cfg.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        dispatch_clip_grad(run.model.parameters(), cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    run.scheduler.step_update(run.step)
+    if run.ema is not None:
+        run.ema.update(unwrap_model(run.model), step=run.step)
+    return loss
+
 
 def train_one_epoch(
     run: TrainingRun,
@@ -127,8 +176,7 @@ def train_one_epoch(
     run.model.train()
     if start_batch == 0:
         run.epoch_sums = {}
-    sums = run.epoch_sums
-    current: dict[str, float] = {}
+    current: dict[str, float] = {}  # regulariser statistics that are not summed (e.g. λ)
     batches, start_time = 0, time.perf_counter()
     progress = tqdm(
         loader, desc=f"epoch {epoch}", total=run.steps_per_epoch, initial=start_batch,
@@ -140,48 +188,48 @@ def train_one_epoch(
         if run.mixup is not None:
             images, targets = run.mixup(images, targets)
         t = epoch + batch / run.steps_per_epoch if cfg.se.per_step else float(epoch)
-        for reg in run.regularizers:
-            reg.set_progress(t, cfg.epochs)
-
-        with run.autocast():
-            loss = run.criterion(run.model(images), targets)
-            total = loss + sum(reg() for reg in run.regularizers)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(total).backward()
-        if cfg.clip_grad is not None:
-            run.scaler.unscale_(run.optimizer)
-            dispatch_clip_grad(run.model.parameters(), cfg.clip_grad)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.step += 1
-        run.scheduler.step_update(run.step)
-        if run.ema is not None:
-            run.ema.update(unwrap_model(run.model), step=run.step)
-
-        # Running sums stay on the device; only the progress bar refresh synchronises.
+        loss = train_step(run, images, targets, t)
+        current |= _add_step_statistics(run, loss)
         batches += 1
-        step_stats = {"batches": torch.ones((), device=device), "loss": loss.detach()}
-        for reg in run.regularizers:
-            for key, value in reg.stats().items():
-                if isinstance(value, Tensor):
-                    step_stats[key] = value
-                else:
-                    current[key] = value
-        for key, value in step_stats.items():
-            sums[key] = sums.get(key, 0.0) + value.double()
         if batches % cfg.log_every == 0 and run.info.is_main:
             rate = batches * images.shape[0] * run.info.world_size
-            rate /= time.perf_counter() - start_time
-            count = sums["batches"].item()
-            shown = {k: f"{v.item() / count:.4f}" for k, v in sums.items() if k != "batches"}
-            progress.set_postfix(shown | {"img/s": f"{rate:.0f}"}, refresh=False)
+            _show_progress(progress, run.epoch_sums, rate / (time.perf_counter() - start_time))
         if on_step is not None:
             on_step(epoch, batch + 1)
         if run.step >= run.total_steps:
             break
     progress.close()
+    return _epoch_statistics(run, epoch, current, batches, time.perf_counter() - start_time)
 
-    elapsed = time.perf_counter() - start_time
+
+def _add_step_statistics(run: TrainingRun, loss: Tensor) -> dict[str, float]:
+    """Add the step's loss and tensor statistics to ``run.epoch_sums``; return the others."""
+    # Running sums stay on the device; only the progress bar refresh synchronises.
+    step_stats = {"batches": torch.ones((), device=run.info.device), "loss": loss.detach()}
+    plain = {}
+    for reg in run.regularizers:
+        for key, value in reg.stats().items():
+            if isinstance(value, Tensor):
+                step_stats[key] = value
+            else:
+                plain[key] = value
+    for key, value in step_stats.items():
+        run.epoch_sums[key] = run.epoch_sums.get(key, 0.0) + value.double()
+    return plain
+
+
+def _show_progress(progress: tqdm, sums: dict[str, Tensor], images_per_s: float) -> None:
+    count = sums["batches"].item()
+    shown = {k: f"{v.item() / count:.4f}" for k, v in sums.items() if k != "batches"}
+    progress.set_postfix(shown | {"img/s": f"{images_per_s:.0f}"}, refresh=False)
+
+
+def _epoch_statistics(
+    run: TrainingRun, epoch: int, current: dict[str, float], batches: int, elapsed: float
+) -> dict[str, float]:
+    """The epoch's means over all ranks (``train_<key>``), ``current``, the learning rate and
+    the throughput. Collective."""
+    sums = run.epoch_sums
     keys = sorted(sums)
     totals = dict(
         zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True)
@@ -194,66 +242,14 @@ def train_one_epoch(
             "lower lr, set clip_grad or amp=off"
         )
     stats |= current | {"lr": run.optimizer.param_groups[0]["lr"]}
+    cfg = run.config
     stats["images_per_s"] = batches * cfg.batch_size * run.info.world_size / max(elapsed, 1e-9)
     stats["epoch_time_s"] = elapsed
     return stats
 
 
 ATTENTION_KEYS = ("se_mean", "regions_mean", "single_region_share")
-"""The attention statistics that :func:`evaluate` adds with ``attention=True``."""
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    *,
-    attention: bool = False,
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
-
-    With ``attention``, also the spatial-entropy statistics of the last block's [CLS] attention
-    maps (``se_mean``, ``regions_mean``, ``single_region_share``; see
-    ``evaluation.AttentionStatistics``), captured with hooks that are removed afterwards; the
-    model must be a timm ViT with a [CLS] token. Under torchrun each rank passes its shard (see
-    ``build_eval_loader``); sums are reduced over ranks, so every rank returns the metrics of
-    the whole set.
-    """
-    model.eval()
-    capture = AttentionCapture(model) if attention else None
-    statistics = None
-    if capture is not None:
-        statistics = AttentionStatistics(num_heads=capture.num_heads, device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    try:
-        for images, targets, *_ in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = model(images)
-            output = output.float()
-            top1, top5 = accuracy(output, targets, topk=(1, min(5, output.shape[-1])))
-            batch = targets.shape[0]
-            loss = F.cross_entropy(output, targets, reduction="sum")
-            correct = torch.stack([top1, top5]).double() * batch / 100
-            sums += torch.cat([loss.double()[None], correct, sums.new_tensor([batch])])
-            if statistics is not None:
-                statistics.update(capture.logits, capture.grid_shape)
-    finally:
-        if capture is not None:
-            capture.remove()
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    if count == 0:
-        raise ValueError("evaluation set is empty")
-    metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count,
-               "images": int(count)}  # fmt: skip
-    if statistics is not None:
-        # Sums of every rank's shard, not a mean of the ranks' means (shards differ in size).
-        attention_stats = statistics.compute(reduce=all_reduce_sum)
-        metrics |= {key: attention_stats[key] for key in ATTENTION_KEYS}
-    return metrics
+"""The attention statistics that training logs for the validation set (models with [CLS])."""
 
 
 def _has_cls_attention(model: nn.Module) -> bool:
@@ -314,10 +310,11 @@ def build_training_run(
     num_classes: int,
     in_chans: int,
     steps_per_epoch: int,
-    checkpoint: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+    resumed: tuple[dict[str, Tensor], TrainState] | None = None,
 ) -> TrainingRun:
     """Model (DDP-wrapped under torchrun), optimiser, schedule, scaler, EMA, regularisers and
-    loss of a run, restored from ``checkpoint`` (weights, state) if given (RNGs excepted)."""
+    loss of a run, restored from ``resumed`` (weights, state) if given; the ranks' own states
+    (RNGs, epoch sums) are restored by :meth:`TrainingRun.restore_rank_state`."""
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
@@ -337,27 +334,26 @@ def build_training_run(
     )  # fmt: skip
     amp_dtype = autocast_dtype(cfg.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-    state: dict[str, Any] = {"step": 0}
-    if checkpoint is not None:
-        weights, state = checkpoint
+    weights, state = resumed if resumed is not None else (None, TrainState())
+    if weights is not None:
         model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        scaler.load_state_dict(state.scaler)
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
     # EMA copies the model after DDP's broadcast and before the regularisers' hooks.
     ema = ModelEmaV3(unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
+    if ema is not None and state.ema is not None:
+        ema.load_state_dict(state.ema)
     regularizers = build_regularizers(cfg)
     for reg in regularizers:
         reg.attach(model)
     criterion, mixup = _criterion(cfg, num_classes)
     return TrainingRun(
         cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,
-        amp_dtype, steps_per_epoch, total_steps, step=state["step"],
+        amp_dtype, steps_per_epoch, total_steps, step=state.step,
     )  # fmt: skip
 
 
@@ -365,7 +361,7 @@ class RunLog:
     """Per-epoch rows in ``log.csv`` (and TensorBoard if installed); main process only."""
 
     def __init__(self, run_dir: Path, enabled: bool, first_epoch: int) -> None:
-        self.path = run_dir / "log.csv"
+        self.path = RunPaths(run_dir).log
         self.enabled = enabled
         self.tensorboard = None
         if not enabled:
@@ -380,7 +376,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional
             return
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tensorboard = SummaryWriter(str(RunPaths(run_dir).tensorboard))
 
     def _write(self) -> None:
         text = io.StringIO()
@@ -440,117 +436,140 @@ def _train(
     resume: bool,
     datasets: tuple[Dataset, Dataset] | None,
 ) -> dict[str, Any]:
-    checkpoint_dir = run_dir / "checkpoints"
-    stem = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
-    if stem is not None and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints; pass --resume auto to continue that run, "
-            "or choose another --output"
-        )
+    paths = RunPaths(run_dir)
+    resumed = _read_checkpoint_to_resume(paths, resume, cfg.batch_size, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_NAME)
-
+        save_config(cfg, paths.config)
     train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
     train_loader = build_train_loader(
         train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
     )
     val_loader = build_eval_loader(val_set, cfg.batch_size, info, num_workers=cfg.num_workers)
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": {}}
-    loaded = None
-    if stem is not None:
-        loaded = load_checkpoint(stem)
-        state = loaded[1]
-        if state["global_batch"] != cfg.batch_size * info.world_size:
-            raise ValueError(
-                f"{stem} was written with a global batch of {state['global_batch']}; "
-                f"this run has {cfg.batch_size} x {info.world_size} processes"
-            )
-    steps_per_epoch = len(train_loader)
     run = build_training_run(
-        cfg, info, train_set.num_classes, train_set.in_chans, steps_per_epoch, loaded
-    )
+        cfg, info, train_set.num_classes, train_set.in_chans, len(train_loader),
+        None if resumed is None else resumed[1:],
+    )  # fmt: skip
     # Training randomness (dropout, drop path, Mixup) differs per rank, as in DeiT.
     random_seed(cfg.seed, info.rank)
-    if stem is not None:
-        own = state["ranks"][info.rank]
-        set_rng_state(own["rng"])
-        run.epoch_sums = {k: v.to(info.device) for k, v in own["epoch_sums"].items()}
+    state = TrainState()
+    if resumed is not None:
+        stem, _, state = resumed
+        run.restore_rank_state(state)
         if info.is_main:
-            print(f"resumed from {stem} (epoch {state['epoch']}, step {state['step']})")
+            print(f"resumed from {stem} (epoch {state.epoch}, step {state.step})")
 
-    best: dict[str, Any] = state["best"]
-    elapsed, session_start = state["elapsed"], time.perf_counter()
+    best, clock = state.best, time.perf_counter() - state.elapsed  # elapsed = now - clock
 
     def save(epoch: int, batch: int) -> None:
-        # Collective: every rank contributes its RNG states and epoch sums, rank 0 writes.
-        ranks = all_gather_object(
-            {"rng": get_rng_state(), "epoch_sums": {k: v.cpu() for k, v in run.epoch_sums.items()}}
-        )
-        if not info.is_main:
-            return
-        payload = {
-            "epoch": epoch, "batch": batch, "step": run.step, "best": best,
-            "elapsed": elapsed + time.perf_counter() - session_start,
-            "global_batch": cfg.batch_size * info.world_size,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "ranks": ranks,
-            "ema": None if run.ema is None else run.ema.state_dict(),
-        }  # fmt: skip
-        save_checkpoint(
-            checkpoint_dir, run.step, unwrap_model(run.model), payload, cfg.keep_checkpoints
-        )
+        # Collective: every rank contributes; rank 0 gets the state and writes it.
+        snapshot = run.checkpoint_state(epoch, batch, best, time.perf_counter() - clock)
+        if info.is_main:
+            model = unwrap_model(run.model)
+            save_checkpoint(
+                paths.checkpoints, run.step, model, snapshot.to_dict(), cfg.keep_checkpoints
+            )
 
     def on_step(epoch: int, batch: int) -> None:
         every = cfg.checkpoint_every
         if every and run.step % every == 0 and batch < run.steps_per_epoch:
             save(epoch, batch)
 
-    log = RunLog(run_dir, info.is_main, state["epoch"])
-    start_batch, val, train_stats = state["batch"], None, {}
-    for epoch in range(state["epoch"], cfg.epochs):
+    log = RunLog(run_dir, info.is_main, state.epoch)
+    start_batch, val, ema_val, train_stats = state.batch, None, None, {}
+    for epoch in range(state.epoch, cfg.epochs):
         if run.step >= run.total_steps:
             break
         train_loader.sampler.set_position(epoch, start_batch)
         train_stats = train_one_epoch(run, train_loader, epoch, start_batch, on_step)
         done = run.step >= run.total_steps or epoch + 1 == cfg.epochs
-        batches = run.step - epoch * run.steps_per_epoch
-        val = None
+        val = ema_val = None
         if done or (epoch + 1) % cfg.eval_every == 0:
-            val = _evaluate_all(run, val_loader)
+            val, ema_val = _evaluate_all(run, val_loader)
             if val["top1"] > best.get("top1", -1.0):
                 best = {"top1": val["top1"], "epoch": epoch, "step": run.step}
-        row = {"epoch": epoch, "step": run.step, **train_stats, **_prefixed(val, "val_")}
-        if run.ema is not None:
-            ema_val = None if val is None else {k[4:]: v for k, v in val.items() if k[:4] == "ema_"}
-            row |= _prefixed(ema_val, "val_ema_")
-        log.append(row)
+        log.append(_log_row(epoch, run, train_stats, val, ema_val))
         # A max_steps stop mid-epoch is a position that a longer run can resume from.
-        if batches == run.steps_per_epoch:
-            save(epoch + 1, 0)
-        else:
-            save(epoch, batches)
+        batches = run.step - epoch * run.steps_per_epoch
+        save(*((epoch + 1, 0) if batches == run.steps_per_epoch else (epoch, batches)))
         start_batch = 0
     log.close()
 
     if val is None:  # the run had already finished when it was resumed
-        val = _evaluate_all(run, val_loader)
-    elapsed += time.perf_counter() - session_start
-    metrics = {
-        **{k: v for k, v in val.items() if not k.startswith("ema_")},
-        "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
-        "steps": run.step, "epochs": cfg.epochs, "train_time_s": elapsed,
-        **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
-        **({"ema": {k[4:]: v for k, v in val.items() if k.startswith("ema_")}} if run.ema else {}),
-    }  # fmt: skip
+        val, ema_val = _evaluate_all(run, val_loader)
+    metrics = _final_metrics(run, val, ema_val, train_stats, best, time.perf_counter() - clock)
     if info.is_main:
-        save_weights(unwrap_model(run.model), run_dir / WEIGHTS_NAME)
+        save_weights(unwrap_model(run.model), paths.weights)
         if run.ema is not None:
-            save_weights(run.ema.module, run_dir / EMA_WEIGHTS_NAME)
-        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+            save_weights(run.ema.module, paths.ema_weights)
+        atomic_write(paths.metrics, json.dumps(metrics, indent=2).encode())
     for reg in run.regularizers:
         reg.remove()
     return metrics
+
+
+def _read_checkpoint_to_resume(
+    paths: RunPaths, resume: bool, batch_size: int, info: DistributedInfo
+) -> tuple[Path, dict[str, Tensor], TrainState] | None:
+    """``(stem, weights, state)`` of the checkpoint that ``RUN_DIR/checkpoints/latest`` names,
+    or None in a new run.
+
+    Raises:
+        FileExistsError: the run has checkpoints but ``resume`` is False (a run is never
+            overwritten by accident).
+        ValueError: the checkpoint was written with another global batch (``batch_size`` x
+            processes), so the data order and the schedule would not continue.
+    """
+    stem = latest_checkpoint(paths.checkpoints) if paths.checkpoints.exists() else None
+    if stem is None:
+        return None
+    if not resume:
+        raise FileExistsError(
+            f"{paths.root} already holds checkpoints; pass --resume auto to continue that run, "
+            "or choose another --output"
+        )
+    weights, saved = load_checkpoint(stem)
+    state = TrainState.from_dict(saved)
+    if state.global_batch != batch_size * info.world_size:
+        raise ValueError(
+            f"{stem} was written with a global batch of {state.global_batch}; "
+            f"this run has {batch_size} x {info.world_size} processes"
+        )
+    return stem, weights, state
+
+
+def _final_metrics(
+    run: TrainingRun,
+    val: dict[str, float],
+    ema_val: dict[str, float] | None,
+    train_stats: dict[str, float],
+    best: dict[str, Any],
+    elapsed: float,
+) -> dict[str, Any]:
+    """``metrics.json``: the last validation, the best top-1, the run's length and time, the
+    last epoch's training statistics, and the EMA model's validation (with EMA)."""
+    metrics = {
+        **val, "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
+        "steps": run.step, "epochs": run.config.epochs, "train_time_s": elapsed,
+        **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
+    }  # fmt: skip
+    if run.ema is not None:
+        metrics["ema"] = ema_val
+    return metrics
+
+
+def _log_row(
+    epoch: int,
+    run: TrainingRun,
+    train_stats: dict[str, float],
+    val: dict[str, float] | None,
+    ema_val: dict[str, float] | None,
+) -> dict[str, Any]:
+    """The ``log.csv`` row of an epoch; validation columns are empty when it was not evaluated."""
+    row = {"epoch": epoch, "step": run.step, **train_stats, **_prefixed(val, "val_")}
+    if run.ema is not None:
+        row |= _prefixed(ema_val, "val_ema_")
+    return row
 
 
 def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float | None]:
@@ -558,39 +577,28 @@ def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float 
     return {f"{prefix}{k}": None if metrics is None else metrics.get(k) for k in keys}
 
 
-def _evaluate_all(run: TrainingRun, loader: DataLoader) -> dict[str, float]:
+def _evaluate_all(
+    run: TrainingRun, loader: DataLoader
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The validation metrics of the model and of its EMA (None without EMA)."""
     # The bare model: ranks may hold shards of different lengths, and DDP's forward may sync.
     model = unwrap_model(run.model)
     device, attention = run.info.device, _has_cls_attention(model)
-    metrics = evaluate(model, loader, device, run.amp_dtype, attention=attention)
+    metrics = _evaluate_for_log(model, loader, device, run.amp_dtype, attention)
+    ema_metrics = None
     if run.ema is not None:
-        ema_metrics = evaluate(run.ema.module, loader, device, run.amp_dtype, attention=attention)
-        metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
-    return metrics
+        ema_metrics = _evaluate_for_log(run.ema.module, loader, device, run.amp_dtype, attention)
+    return metrics, ema_metrics
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    split: str = "test",
-    checkpoint: str | Path | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Evaluate a finished run's weights (or ``checkpoint``) on ``split`` of its dataset.
-
-    The model and data come from ``RUN_DIR/config.yaml`` (see ``evaluation.load_run``);
-    ``checkpoint`` is a ``.safetensors`` file or a training checkpoint
-    (``checkpoints/step_*.pt``). Writes ``RUN_DIR/eval.json`` and returns the metrics
-    (``top1``, ``top5`` in percent, ``loss``, ``images``).
-    """
-    model, dataset, cfg = load_run(run_dir, split, checkpoint=checkpoint, with_masks=False)
-    info = init_distributed(device)
-    try:
-        loader = build_eval_loader(dataset, cfg.batch_size, info, num_workers=cfg.num_workers)
-        metrics: dict[str, Any] = evaluate(model.to(info.device), loader, info.device)
-    finally:
-        cleanup_distributed()
-    weights = checkpoint if checkpoint is not None else Path(run_dir) / WEIGHTS_NAME
-    metrics |= {"split": split, "checkpoint": str(weights)}
-    if info.is_main:
-        atomic_write(Path(run_dir) / "eval.json", json.dumps(metrics, indent=2).encode())
-    return metrics
+def _evaluate_for_log(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    attention: bool,
+) -> dict[str, float]:
+    """Accuracy and, for a model with [CLS] attention, the :data:`ATTENTION_KEYS`."""
+    metrics = evaluate(model, loader, device, amp_dtype, attention=attention)
+    return {k: v for k, v in metrics.items() if k in ("top1", "top5", "loss", "images")
+            or k in ATTENTION_KEYS}  # fmt: skip

@@ -1,4 +1,4 @@
-"""Attention metrics: Jaccard of [CLS] attention against object masks, spatial-entropy stats."""
+"""Evaluation in one pass: accuracy and [CLS] attention statistics (entropy, regions, Jaccard)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,30 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import accuracy as topk_accuracy
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.checkpoint import atomic_write
 from spatial_entropy.components import label_components
-from spatial_entropy.config import TrainConfig, load_config
-from spatial_entropy.data import build_dataset
-from spatial_entropy.data.registry import dataset_class
+from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import spatial_entropy
-from spatial_entropy.models import create_model, load_checkpoint_into
+from spatial_entropy.loader import build_eval_loader
+from spatial_entropy.runs import RunPaths, load_run
 
 __all__ = [
     "VOID_LABEL",
     "AttentionStatistics",
     "attention_jaccard",
     "attention_masks",
+    "evaluate",
     "evaluate_attention",
-    "evaluate_run_attention",
+    "evaluate_run",
     "jaccard_index",
-    "load_run",
     "map_statistics",
     "object_masks",
 ]
@@ -236,8 +235,7 @@ class AttentionStatistics:
     Call :meth:`update` after each forward pass (with the captured [CLS] logits, and with the
     post-softmax attention and masks when the data has object masks), then :meth:`compute`.
     Only sums are kept (on the device of the logits), so shards evaluated on several processes
-    combine exactly: pass a cross-process sum to :meth:`compute` (the engine does, to log
-    per-epoch statistics of the validation set under torchrun).
+    combine exactly: pass a cross-process sum to :meth:`compute` (as :func:`evaluate` does).
 
     Args:
         mass: share of the attention mass kept for the Jaccard.
@@ -356,6 +354,95 @@ class AttentionStatistics:
 
 
 @torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    *,
+    accuracy: bool = True,
+    attention: bool = False,
+    mass: float = 0.6,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy and attention statistics of ``model`` on ``loader``, in one pass.
+
+    Under torchrun each rank passes its shard (see ``loader.build_eval_loader``); the sums are
+    reduced over ranks, so every rank returns the metrics of the whole set.
+
+    Args:
+        model: the classifier; put in eval mode for the loop and restored afterwards. With
+            ``attention``, a timm ViT with a [CLS] token (see :class:`AttentionCapture`),
+            whose hooks are removed afterwards.
+        loader: yields ``(images, labels)`` or ``(images, labels, masks)``: images
+            ``(B, C, H, W)``, labels ``(B,)`` class indices, masks ``(B, H, W)`` (bool, or
+            class maps with 255 = void).
+        device: where to run; default the model's device.
+        amp_dtype: autocast dtype of the forward pass (None: full precision).
+        accuracy: compute ``top1``, ``top5`` (percent), ``loss`` (mean cross-entropy) and
+            ``images``.
+        attention: compute the statistics of the last block's [CLS] attention (the keys of
+            :meth:`AttentionStatistics.compute`; the Jaccard only when masks come).
+        mass: share of the attention mass each head keeps for the Jaccard.
+        max_batches: stop after this many batches.
+
+    Returns:
+        The metrics asked for; ``images`` counts the images evaluated.
+
+    Raises:
+        ValueError: nothing is asked for, or the loader yields no image.
+    """
+    if not (accuracy or attention):
+        raise ValueError("Expected accuracy or attention (or both) to evaluate, got neither")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    capture = AttentionCapture(model) if attention else None
+    statistics = None
+    if capture is not None:
+        # Sized up front so that a rank with an empty shard still joins the reduction.
+        statistics = AttentionStatistics(mass, num_heads=capture.num_heads, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    was_training = model.training
+    model.eval()
+    try:
+        for index, (images, targets, *masks) in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+            if accuracy:
+                sums += _accuracy_sums(output.float(), targets.to(device, non_blocking=True))
+            if statistics is not None:
+                # The post-softmax attention is only needed (and only computed) for the Jaccard.
+                mask = masks[0] if masks else None
+                post_softmax = None if mask is None else capture.attention
+                statistics.update(capture.logits, capture.grid_shape, post_softmax, mask)
+    finally:
+        model.train(was_training)
+        if capture is not None:
+            capture.remove()
+    metrics: dict[str, Any] = {}
+    if accuracy:
+        loss, top1, top5, count = all_reduce_sum(sums).tolist()
+        if count == 0:
+            raise ValueError("evaluation set is empty")
+        metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count,
+                   "loss": loss / count, "images": int(count)}  # fmt: skip
+    if statistics is not None:
+        # Sums of every rank's shard, not a mean of the ranks' means (shards differ in size).
+        metrics |= statistics.compute(reduce=all_reduce_sum)
+    return metrics
+
+
+def _accuracy_sums(output: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy, top-1 and top-5 hits and the image count of one batch, float64."""
+    top1, top5 = topk_accuracy(output, targets, topk=(1, min(5, output.shape[-1])))
+    batch = targets.shape[0]
+    loss = F.cross_entropy(output, targets, reduction="sum")
+    correct = torch.stack([top1, top5]).double() * batch / 100
+    return torch.cat([loss.double()[None], correct, correct.new_tensor([batch])])
+
+
 def evaluate_attention(
     model: nn.Module,
     loader: Iterable,
@@ -364,34 +451,11 @@ def evaluate_attention(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float | int | list[float]]:
-    """Attention statistics of ``model`` on the batches of ``loader`` (see
-    :class:`AttentionStatistics` for the keys).
-
-    Args:
-        model: a timm ViT with a [CLS] token (see :class:`AttentionCapture`); put in eval mode
-            for the loop and restored afterwards.
-        loader: yields ``(images, labels)`` or ``(images, labels, masks)``, images
-            ``(B, C, H, W)``, masks ``(B, H, W)`` (bool, or class maps with 255 = void); the
-            Jaccard is computed only when masks come.
-        mass: share of the attention mass each head keeps for the Jaccard.
-        device: where to run; default the model's device.
-        max_batches: stop after this many batches.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    stats = AttentionStatistics(mass=mass)
-    was_training = model.training
-    model.eval()
-    try:
-        with AttentionCapture(model) as capture:
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                model(batch[0].to(device, non_blocking=True))
-                masks = batch[2] if len(batch) > 2 else None
-                stats.update(capture.logits, capture.grid_shape, capture.attention, masks)
-    finally:
-        model.train(was_training)
-    return stats.compute()
+    """The attention statistics alone (see :class:`AttentionStatistics` for the keys):
+    :func:`evaluate` without the accuracy, so the labels may be anything."""
+    return evaluate(
+        model, loader, device, accuracy=False, attention=True, mass=mass, max_batches=max_batches
+    )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -401,98 +465,45 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_run(
-    run_dir: str | os.PathLike,
-    split: str = "test",
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    with_masks: bool = True,
-) -> tuple[nn.Module, Dataset, TrainConfig]:
-    """A trained run's model and a split of its dataset, as ``RUN_DIR/config.yaml`` describes.
-
-    Args:
-        run_dir: a directory written by ``spatial-entropy train``.
-        split: the dataset split to build, with the evaluation transform.
-        checkpoint: weights to load instead of ``RUN_DIR/model.safetensors``: a
-            ``.safetensors`` file, a training checkpoint (``checkpoints/step_*``, with or
-            without suffix) or a checkpoint directory (its latest checkpoint).
-        with_masks: give the items object masks when the dataset has them.
-
-    Returns:
-        ``(model, dataset, config)``, the model in eval mode on the CPU.
-
-    Raises:
-        FileNotFoundError: the run has no weights (yet) or ``checkpoint`` does not exist.
-        ValueError: the weights do not fit the model exactly, e.g. a classifier for another
-            number of classes than the split has (nothing is adapted or re-initialised).
-    """
-    # The engine imports this module for its statistics, so its names are imported here.
-    from spatial_entropy.engine import CONFIG_NAME, WEIGHTS_NAME
-
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / CONFIG_NAME)
-    weights = Path(checkpoint) if checkpoint is not None else run_dir / WEIGHTS_NAME
-    if weights.suffix == ".pt":  # a training checkpoint's state; its weights sit beside it
-        weights = weights.with_suffix(".safetensors")
-    if checkpoint is None and not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights}; has the run finished?")
-    masks = with_masks and dataset_class(config.dataset).mask_dtype is not None
-    dataset = build_dataset(
-        config.dataset,
-        split,
-        data_path=config.data_path,
-        img_size=config.image_size(),
-        is_train=False,
-        seed=config.seed,
-        with_masks=masks,
-        options=config.data_options or None,
-    )
-    model = create_model(
-        config.model,
-        num_classes=dataset.num_classes,
-        img_size=config.image_size(),
-        in_chans=dataset.in_chans,
-        no_last_skip=config.no_last_skip,
-        **config.model_kwargs,
-    )
-    try:
-        # Strict: a run's own weights fit exactly; a new head would evaluate random weights.
-        load_checkpoint_into(model, weights, strict=True)
-    except ValueError as exc:
-        raise ValueError(
-            f"{weights} does not fit the model that {run_dir / CONFIG_NAME} describes for "
-            f"split {split!r} ({dataset.num_classes} classes, {dataset.in_chans} input "
-            f"channels): {exc}"
-        ) from exc
-    return model.eval(), dataset, config
-
-
-def evaluate_run_attention(
+def evaluate_run(
     run_dir: str | os.PathLike,
     split: str = "test",
     checkpoint: str | os.PathLike | None = None,
     device: str = "auto",
     *,
+    attention: bool = False,
     mass: float = 0.6,
-    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Attention statistics of a run on ``split`` of its dataset, merged into ``eval.json``.
+    """Evaluate a finished run's weights (or ``checkpoint``) on ``split`` of its dataset.
 
-    The Jaccard is computed when the dataset has object masks (cluttered-fashion, voc2012,
-    pets). The keys (see :class:`AttentionStatistics`) are added to ``RUN_DIR/eval.json``,
-    keeping what ``spatial-entropy evaluate`` wrote there for the same split and checkpoint.
+    The model and data come from ``RUN_DIR/config.yaml`` (see :func:`runs.load_run`);
+    ``checkpoint`` is a ``.safetensors`` file or a training checkpoint
+    (``checkpoints/step_*.pt``). Under torchrun each rank evaluates its shard and rank 0
+    writes ``RUN_DIR/eval.json`` (atomically, replacing an earlier one).
+
+    Args:
+        attention: also the attention statistics (see :func:`evaluate`), with the Jaccard
+            when the dataset has object masks (cluttered-fashion, voc2012, pets).
+        mass: share of the attention mass each head keeps for the Jaccard.
 
     Returns:
-        The attention statistics, with ``mass``.
+        ``top1``, ``top5`` (percent), ``loss``, ``images``, ``split`` and ``checkpoint``; with
+        ``attention`` also the keys of :meth:`AttentionStatistics.compute` and ``mass``.
     """
-    model, dataset, config = load_run(run_dir, split, checkpoint=checkpoint)
-    device = resolve_device(device)
-    loader = DataLoader(dataset, batch_size=batch_size or config.batch_size, shuffle=False)
-    metrics: dict[str, Any] = {**evaluate_attention(model.to(device), loader, mass=mass)}
-    metrics["mass"] = mass
-    path = Path(run_dir) / "eval.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    if previous.get("split", split) != split:
-        previous = {}  # statistics of another split must not sit beside these
-    path.write_text(json.dumps(previous | metrics | {"split": split}, indent=2))
+    paths = RunPaths(run_dir)
+    model, dataset, cfg = load_run(run_dir, split, checkpoint=checkpoint, with_masks=attention)
+    info = init_distributed(device)
+    try:
+        loader = build_eval_loader(dataset, cfg.batch_size, info, num_workers=cfg.num_workers)
+        measured = evaluate(model.to(info.device), loader, info.device, attention=attention,
+                            mass=mass)  # fmt: skip
+    finally:
+        cleanup_distributed()
+    weights = checkpoint if checkpoint is not None else paths.weights
+    metrics = {key: measured[key] for key in ("top1", "top5", "loss", "images")}
+    metrics |= {"split": split, "checkpoint": str(weights)}
+    if attention:
+        metrics |= measured | {"mass": mass}
+    if info.is_main:
+        atomic_write(paths.eval, json.dumps(metrics, indent=2).encode())
     return metrics

@@ -22,10 +22,10 @@ from spatial_entropy.evaluation import (
     VOID_LABEL,
     attention_jaccard,
     attention_masks,
-    load_run,
     object_masks,
     resolve_device,
 )
+from spatial_entropy.runs import RunPaths, load_run
 
 __all__ = [
     "TRAINING_PANELS",
@@ -391,7 +391,7 @@ def runs_training_figure(run_dirs: Sequence[str | os.PathLike]) -> tuple[Figure,
     """:func:`training_figure` of the ``log.csv`` of one or more runs, named by directory."""
     logs = {}
     for run_dir, name in zip(map(Path, run_dirs), run_names(run_dirs), strict=True):
-        path = run_dir / "log.csv"
+        path = RunPaths(run_dir).log
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory?")
         logs[name] = read_training_log(path)

@@ -37,16 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
-    from spatial_entropy.engine import evaluate_run
+    from spatial_entropy.evaluation import evaluate_run
 
     try:
-        metrics = evaluate_run(args.run_dir, args.split, args.checkpoint, args.device)
-        if args.attention:
-            from spatial_entropy.evaluation import evaluate_run_attention
-
-            metrics |= evaluate_run_attention(
-                args.run_dir, args.split, args.checkpoint, args.device, mass=args.mass
-            )
+        metrics = evaluate_run(
+            args.run_dir, args.split, args.checkpoint, args.device,
+            attention=args.attention, mass=args.mass,
+        )  # fmt: skip
     except (OSError, ValueError) as exc:
         raise SystemExit(f"spatial-entropy evaluate: {exc}") from exc
     print(json.dumps(metrics, indent=2))
