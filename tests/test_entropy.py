@@ -105,7 +105,7 @@ def test_docstring_example() -> None:
     ("batch", "heads", "grid"),
     [(4, 3, (8, 8)), (3, 2, (14, 10)), (2, 2, (5, 13)), (3, 1, (1, 17)), (2, 2, (11, 1))],
 )
-@pytest.mark.parametrize("backend", ["scipy", "torch"])
+@pytest.mark.parametrize("backend", ["scipy", "torch", "closure", "propagate"])
 def test_matches_reference_on_smooth_maps(batch, heads, grid, backend) -> None:
     logits = smooth_maps(batch, heads, grid, seed=batch * 7 + heads)
     ours = spatial_entropy(logits, grid, backend=backend)
@@ -184,6 +184,19 @@ def test_extreme_magnitudes_are_finite_and_correct(magnitude: float) -> None:
     torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_logits_near_the_float32_maximum(backend: str) -> None:
+    # A float32 sum of 64 logits near 3e38 overflows; the mean itself is representable. The
+    # oracle is the reference in float64, where nothing overflows.
+    logits = 3.0e38 + 1.0e37 * smooth_maps(3, 2, (8, 8), seed=12)
+    assert torch.isfinite(logits).all()
+    value = spatial_entropy(logits, (8, 8), backend=backend)
+    expected = reference_spatial_entropy(logits.double(), (8, 8)).float()
+    assert torch.isfinite(value).all() and (expected > 0).any()
+    torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reference_spatial_entropy(logits, (8, 8)), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
     logits = smooth_maps(4, 3, (8, 8), seed=2).to(dtype).requires_grad_(True)
@@ -247,9 +260,29 @@ def test_bad_input(logits, grid, error: type, message: str) -> None:
         reference_spatial_entropy(logits, grid)
 
 
+@pytest.mark.parametrize("connectivity", [5, 6, 0, True, "8"])
+def test_connectivity_other_than_4_or_8_is_rejected_everywhere(connectivity) -> None:
+    # 5 used to be accepted: the scipy labeller read it as 8, the tensor labeller as 4.
+    logits = torch.randn(1, 1, 16)
+    for backend in ("scipy", "torch", "propagate"):
+        with pytest.raises(ValueError, match="connectivity 4 or 8"):
+            spatial_entropy(logits, (4, 4), connectivity=connectivity, backend=backend)
+    with pytest.raises(ValueError, match="connectivity 4 or 8"):
+        reference_spatial_entropy(logits, (4, 4), connectivity=connectivity)
+    with pytest.raises(ValueError, match="connectivity 4 or 8"):
+        SpatialEntropyLoss(connectivity=connectivity)
+
+
+def test_unknown_backend_is_rejected_by_the_module_at_construction() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        SpatialEntropyLoss(backend="opencv")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     logits = smooth_maps(8, 6, (14, 14), seed=9)
-    torch.testing.assert_close(
-        spatial_entropy(logits.cuda(), (14, 14)).cpu(), spatial_entropy(logits, (14, 14))
-    )
+    for backend in ("torch", "propagate"):
+        torch.testing.assert_close(
+            spatial_entropy(logits.cuda(), (14, 14), backend=backend).cpu(),
+            reference_spatial_entropy(logits, (14, 14)),
+        )

@@ -141,7 +141,9 @@ def _neighbours(h: int, w: int, connectivity: int, device: torch.device) -> torc
     return dr + dc <= 1
 
 
-def _label_closure(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
+def _label_closure(
+    maps: torch.Tensor, connectivity: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Labels ``(M, H, W)`` maps by transitive closure: no host synchronisation, fixed op count.
 
     The foreground's adjacency (self included) is a ``(M, N, N)`` 0/1 matrix ``R``; after ``k``
@@ -154,13 +156,15 @@ def _label_closure(maps: torch.Tensor, connectivity: int) -> torch.Tensor:
     Only whether an entry is positive matters, so half precision is exact: a sum of non-negative
     integers never rounds to 0 (nor does an overflow to inf), whatever the accumulation precision.
     CUDA multiplies in float16 (tensor cores); the CPU in float32, where float16 matmuls are slow.
+    ``dtype`` overrides that choice (the tests run the float16 path on a CPU).
 
     Returns the same as :func:`_label_propagate`: for foreground pixels the flat index (over the
     whole batch) of their component's first pixel in raster order, ``M*H*W`` for background.
     """
     m, h, w = maps.shape
     n = h * w
-    dtype = torch.float16 if maps.device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.float16 if maps.device.type == "cuda" else torch.float32
     flat = maps.reshape(m, n)
     foreground = flat.to(dtype)
     adjacency = _neighbours(h, w, connectivity, maps.device).to(dtype)
