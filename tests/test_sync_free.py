@@ -192,3 +192,51 @@ def test_compiles_fullgraph_and_matches_eager(grid: tuple[int, int]) -> None:
     ours.sum().backward()
     eager.sum().backward()
     torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grid", [(14, 14), (24, 24)])
+def test_cuda_loss_forward_backward_synchronises_never(grid: tuple[int, int]) -> None:
+    import warnings
+
+    logits = torch.randn(64, 6, grid[0] * grid[1], device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            spatial_entropy(logits, grid).mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert syncs == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_the_loss_forward_and_backward() -> None:
+    static = torch.randn(32, 6, 196, device="cuda", requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream before capture
+        for _ in range(2):
+            static.grad = None
+            spatial_entropy(static, (14, 14)).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static.grad = None
+    with torch.cuda.graph(graph):
+        value = spatial_entropy(static, (14, 14))
+        value.sum().backward()
+    fresh = torch.randn(32, 6, 196, device="cuda")
+    fresh[0, 0] = logits_for(spiral(14)).reshape(-1).cuda()
+    with torch.no_grad():
+        static.copy_(fresh)
+    graph.replay()
+    x = fresh.cpu().requires_grad_(True)
+    expected = reference_spatial_entropy(x, (14, 14))
+    expected.sum().backward()
+    torch.testing.assert_close(value.cpu(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(static.grad.cpu(), x.grad, atol=1e-6, rtol=1e-5)
