@@ -4,6 +4,13 @@
 #   bash benchmarks/gpu_session.sh checks          # CUDA tests, loss speed, AMP/NCCL training smoke
 #   bash benchmarks/gpu_session.sh levers MINUTES  # issue 7's investigation variants on the GPU
 #
+# `checks` writes the GPU loss table to $OUT/loss_speed_cuda.json: every labeller with its host
+# syncs per call, the CUDA-graph capture of the loss, and one training step (bf16, batch 128 or
+# the largest that fits) of se_vit_small_patch8_64, vit_small_patch16_224, vit_base_patch16_224
+# and vit_small_patch16_384 with and without the regulariser. Tried on CPU with
+# `CHECKS_SMOKE=1 bash benchmarks/gpu_session.sh checks`, which runs the same steps on the CPU
+# with tiny settings (the real-model rows with batch 2).
+#
 # Writes its reports to $OUT (default runs/gpu_session). Runs from the repository root with
 # PYTHONPATH=src (the GPU image has torch, timm, scipy, scikit-image, safetensors). Fashion-MNIST
 # is looked up as usual; with no network, put the four IDX .gz files in
@@ -17,14 +24,25 @@ strip() { tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]|^\s*$'; }
 
 case "${1:-checks}" in
 checks)
+    if [ -n "${CHECKS_SMOKE:-}" ]; then
+        device=cpu
+        speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
+            --models vit_small_patch16_224)
+    else
+        device=cuda
+        speed=()
+    fi
     {
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
         $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
         echo "== CUDA tests"
         timeout 300 $py -m pytest -q -p no:cacheprovider tests/test_components.py \
-            tests/test_entropy.py tests/test_attention.py -k cuda -rs 2>&1 | tail -8
-        echo "== loss speed (CUDA)"
-        timeout 300 $py benchmarks/loss_speed.py --device cuda --out "$OUT/loss_speed_cuda.json" 2>&1
+            tests/test_entropy.py tests/test_sync_free.py tests/test_attention.py -k cuda -rs \
+            2>&1 | tail -8
+        echo "== loss speed ($device): labellers, host syncs, CUDA graph, model training steps"
+        timeout 420 $py benchmarks/loss_speed.py --device $device --alternatives "${speed[@]}" \
+            --out "$OUT/loss_speed_$device.json" 2>&1
+        [ -n "${CHECKS_SMOKE:-}" ] && exit 0
         printf 'import sys\nfrom spatial_entropy.cli import main\nsys.exit(main())\n' > /tmp/se_cli.py
         echo "== train smoke: fp16 + GradScaler, RandAugment, Mixup/CutMix, EMA, 2 workers"
         timeout 300 $py /tmp/se_cli.py train --config configs/demo.yaml --output /tmp/smoke_fp16 \

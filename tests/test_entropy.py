@@ -105,7 +105,7 @@ def test_docstring_example() -> None:
     ("batch", "heads", "grid"),
     [(4, 3, (8, 8)), (3, 2, (14, 10)), (2, 2, (5, 13)), (3, 1, (1, 17)), (2, 2, (11, 1))],
 )
-@pytest.mark.parametrize("backend", ["scipy", "torch"])
+@pytest.mark.parametrize("backend", ["scipy", "torch", "closure", "propagate"])
 def test_matches_reference_on_smooth_maps(batch, heads, grid, backend) -> None:
     logits = smooth_maps(batch, heads, grid, seed=batch * 7 + heads)
     ours = spatial_entropy(logits, grid, backend=backend)
@@ -121,11 +121,12 @@ def test_matches_reference_on_smooth_maps(batch, heads, grid, backend) -> None:
     heads=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
     connectivity=st.sampled_from([4, 8]),
+    backend=st.sampled_from(["scipy", "torch", "propagate"]),
 )
-def test_matches_reference_on_random_maps(gh, gw, heads, seed, connectivity) -> None:
+def test_matches_reference_on_random_maps(gh, gw, heads, seed, connectivity, backend) -> None:
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, heads, gh * gw, generator=generator)
-    ours = spatial_entropy(logits, (gh, gw), connectivity=connectivity)
+    ours = spatial_entropy(logits, (gh, gw), connectivity=connectivity, backend=backend)
     expected = reference_spatial_entropy(logits, (gh, gw), connectivity=connectivity)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
 
@@ -140,13 +141,14 @@ def test_gradients_match_reference() -> None:
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
-def test_gradcheck_float64(grid) -> None:
+def test_gradcheck_float64(grid, backend) -> None:
     # Continuous random values have no ties with the mean, so the loss is smooth around them.
     generator = torch.Generator().manual_seed(11)
     logits = torch.randn(2, 2, grid[0] * grid[1], generator=generator, dtype=torch.float64)
     logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: spatial_entropy(x, grid), (logits,))
+    assert torch.autograd.gradcheck(lambda x: spatial_entropy(x, grid, backend=backend), (logits,))
 
 
 def test_batch_equals_loop() -> None:
@@ -184,10 +186,24 @@ def test_extreme_magnitudes_are_finite_and_correct(magnitude: float) -> None:
     torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_logits_near_the_float32_maximum(backend: str) -> None:
+    # A float32 sum of 64 logits near 3e38 overflows; the mean itself is representable. The
+    # oracle is the reference in float64, where nothing overflows.
+    logits = 3.0e38 + 1.0e37 * smooth_maps(3, 2, (8, 8), seed=12)
+    assert torch.isfinite(logits).all()
+    value = spatial_entropy(logits, (8, 8), backend=backend)
+    expected = reference_spatial_entropy(logits.double(), (8, 8)).float()
+    assert torch.isfinite(value).all() and (expected > 0).any()
+    torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reference_spatial_entropy(logits, (8, 8)), expected)
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None:
+def test_half_precision_input_is_computed_in_float32(dtype: torch.dtype, backend: str) -> None:
     logits = smooth_maps(4, 3, (8, 8), seed=2).to(dtype).requires_grad_(True)
-    value = spatial_entropy(logits, (8, 8))
+    value = spatial_entropy(logits, (8, 8), backend=backend)
     assert value.dtype == torch.float32
     # Same value as float32 arithmetic on the very same (rounded) inputs.
     torch.testing.assert_close(value, reference_spatial_entropy(logits.float(), (8, 8)))
@@ -195,20 +211,22 @@ def test_half_precision_input_is_computed_in_float32(dtype: torch.dtype) -> None
     assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
 
 
-def test_float32_under_autocast() -> None:
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_float32_under_autocast(backend: str) -> None:
     logits = smooth_maps(2, 2, (6, 6), seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = spatial_entropy(logits, (6, 6))
+        value = spatial_entropy(logits, (6, 6), backend=backend)
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, reference_spatial_entropy(logits, (6, 6)))
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_logits_give_nan_for_their_map_only(bad: float) -> None:
+def test_non_finite_logits_give_nan_for_their_map_only(bad: float, backend: str) -> None:
     logits = smooth_maps(2, 2, (5, 5), seed=6)
-    clean = spatial_entropy(logits, (5, 5))
+    clean = spatial_entropy(logits, (5, 5), backend=backend)
     logits[0, 1, 7] = bad
-    value = spatial_entropy(logits, (5, 5))
+    value = spatial_entropy(logits, (5, 5), backend=backend)
     assert math.isnan(value[0, 1].item())
     mask = torch.ones(2, 2, dtype=torch.bool)
     mask[0, 1] = False
@@ -247,9 +265,29 @@ def test_bad_input(logits, grid, error: type, message: str) -> None:
         reference_spatial_entropy(logits, grid)
 
 
+@pytest.mark.parametrize("connectivity", [5, 6, 0, True, "8"])
+def test_connectivity_other_than_4_or_8_is_rejected_everywhere(connectivity) -> None:
+    # 5 used to be accepted: the scipy labeller read it as 8, the tensor labeller as 4.
+    logits = torch.randn(1, 1, 16)
+    for backend in ("scipy", "torch", "propagate"):
+        with pytest.raises(ValueError, match="connectivity 4 or 8"):
+            spatial_entropy(logits, (4, 4), connectivity=connectivity, backend=backend)
+    with pytest.raises(ValueError, match="connectivity 4 or 8"):
+        reference_spatial_entropy(logits, (4, 4), connectivity=connectivity)
+    with pytest.raises(ValueError, match="connectivity 4 or 8"):
+        SpatialEntropyLoss(connectivity=connectivity)
+
+
+def test_unknown_backend_is_rejected_by_the_module_at_construction() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        SpatialEntropyLoss(backend="opencv")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     logits = smooth_maps(8, 6, (14, 14), seed=9)
-    torch.testing.assert_close(
-        spatial_entropy(logits.cuda(), (14, 14)).cpu(), spatial_entropy(logits, (14, 14))
-    )
+    for backend in ("torch", "propagate"):
+        torch.testing.assert_close(
+            spatial_entropy(logits.cuda(), (14, 14), backend=backend).cpu(),
+            reference_spatial_entropy(logits, (14, 14)),
+        )

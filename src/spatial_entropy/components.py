@@ -7,7 +7,26 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-__all__ = ["label_components", "reference_label_components"]
+__all__ = ["CLOSURE_MAX_PATCHES", "label_components", "reference_label_components"]
+
+BACKENDS = ("auto", "scipy", "torch", "closure", "propagate")
+
+# Above this many patches per map (24x24, the grid of a patch-16 ViT at 384 px) the "torch"
+# backend labels by propagation instead of the closure: the closure holds (maps, N, N) matrices,
+# 0.5 GB in half precision for 768 maps of 24x24, and its cost grows as N**3 per map.
+CLOSURE_MAX_PATCHES = 576
+
+
+def _check_connectivity(connectivity: int) -> None:
+    """Raise ``ValueError`` unless ``connectivity`` is 4 or 8 (the one check every entry uses)."""
+    if isinstance(connectivity, bool) or connectivity not in (4, 8):
+        raise ValueError(f"Expected connectivity 4 or 8, but got {connectivity!r}")
+
+
+def _check_backend(backend: str) -> None:
+    """Raise ``ValueError`` unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected backend in {BACKENDS}, but got {backend!r}")
 
 
 def _check_mask(mask: torch.Tensor, connectivity: int) -> None:
@@ -19,8 +38,7 @@ def _check_mask(mask: torch.Tensor, connectivity: int) -> None:
         raise ValueError(
             f"Expected mask of shape (..., H, W) with rank >= 2, but got rank {mask.dim()}"
         )
-    if connectivity not in (4, 8):
-        raise ValueError(f"Expected connectivity 4 or 8, but got {connectivity}")
+    _check_connectivity(connectivity)
 
 
 def _structure(connectivity: int) -> np.ndarray:
@@ -112,12 +130,68 @@ def _label_propagate(
     return labels.long()
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "scipy", "torch"):
-        raise ValueError(f"Expected backend 'auto', 'scipy' or 'torch', but got {backend!r}")
+def _neighbours(h: int, w: int, connectivity: int, device: torch.device) -> torch.Tensor:
+    """``(H*W, H*W)`` boolean adjacency of the grid's pixels in raster order, self included."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    dr = (rows.view(-1, 1) - rows.view(1, -1)).abs()
+    dc = (cols.view(-1, 1) - cols.view(1, -1)).abs()
+    if connectivity == 8:
+        return (dr <= 1) & (dc <= 1)
+    return dr + dc <= 1
+
+
+def _label_closure(
+    maps: torch.Tensor, connectivity: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Labels ``(M, H, W)`` maps by transitive closure: no host synchronisation, fixed op count.
+
+    The foreground's adjacency (self included) is a ``(M, N, N)`` 0/1 matrix ``R``; after ``k``
+    squarings (clamped to 1) ``R[i, j] = 1`` exactly when a path of at most ``2**k`` steps joins
+    ``i`` and ``j``. A shortest path within a component never repeats a pixel, so it has at most
+    ``N - 1`` steps and ``ceil(log2(N - 1))`` squarings give reachability for every mask, long
+    snakes and spirals included, with no data-dependent control flow. A pixel's root is then its
+    component's first reachable pixel (``argmax`` returns the first maximum).
+
+    Only whether an entry is positive matters, so half precision is exact: a sum of non-negative
+    integers never rounds to 0 (nor does an overflow to inf), whatever the accumulation precision.
+    CUDA multiplies in float16 (tensor cores); the CPU in float32, where float16 matmuls are slow.
+    ``dtype`` overrides that choice (the tests run the float16 path on a CPU).
+
+    Returns the same as :func:`_label_propagate`: for foreground pixels the flat index (over the
+    whole batch) of their component's first pixel in raster order, ``M*H*W`` for background.
+    """
+    m, h, w = maps.shape
+    n = h * w
+    if dtype is None:
+        dtype = torch.float16 if maps.device.type == "cuda" else torch.float32
+    flat = maps.reshape(m, n)
+    foreground = flat.to(dtype)
+    adjacency = _neighbours(h, w, connectivity, maps.device).to(dtype)
+    reach = adjacency * foreground.unsqueeze(2) * foreground.unsqueeze(1)
+    for _ in range(max(n - 2, 0).bit_length()):  # ceil(log2(N - 1)) squarings, 0 for N <= 2
+        reach = torch.bmm(reach, reach).clamp_(max=1)
+    first = reach.argmax(dim=2)
+    offset = torch.arange(m, device=maps.device).view(-1, 1) * n
+    background = torch.full((), m * n, dtype=torch.int64, device=maps.device)
+    return torch.where(flat, first + offset, background).reshape(m, h, w)
+
+
+def _resolve_backend(backend: str, device: torch.device, patches: int) -> str:
+    """The labeller that runs: ``"scipy"``, ``"closure"`` or ``"propagate"``."""
+    _check_backend(backend)
     if backend == "auto":
-        return "scipy" if device.type == "cpu" else "torch"
+        backend = "scipy" if device.type == "cpu" else "torch"
+    if backend == "torch":
+        return "closure" if patches <= CLOSURE_MAX_PATCHES else "propagate"
     return backend
+
+
+def _label_tensor(maps: torch.Tensor, connectivity: int, labeller: str) -> torch.Tensor:
+    """Roots of ``(M, H, W)`` maps by the tensor labeller ``"closure"`` or ``"propagate"``."""
+    if labeller == "closure":
+        return _label_closure(maps, connectivity)
+    return _label_propagate(maps, connectivity)
 
 
 def _component_ids(
@@ -130,10 +204,11 @@ def _component_ids(
     consecutive; on CUDA they are the first pixel's flat index + 1 (no relabelling needed, so no
     extra synchronisation).
     """
-    if _resolve_backend(backend, maps.device) == "scipy":
+    labeller = _resolve_backend(backend, maps.device, maps.shape[-2] * maps.shape[-1])
+    if labeller == "scipy":
         ids, count = _label_scipy(maps, connectivity)
         return ids.to(maps.device), count + 1
-    roots = _label_propagate(maps, connectivity)
+    roots = _label_tensor(maps, connectivity, labeller)
     size = maps.numel() + 1
     return (roots + 1) % size, size
 
@@ -145,14 +220,21 @@ def label_components(
 
     Exact for every mask (long snakes and spirals included): the partition equals that of
     ``scipy.ndimage.label`` with the matching structure. On CPU all maps are labelled by one call
-    of scipy's C labeller; on CUDA by PyTorch operations only, with no copy of the mask to the host
-    and one host-device synchronisation per call.
+    of scipy's C labeller; on CUDA by PyTorch operations only, with no copy of the mask to the
+    host: for grids of up to :data:`CLOSURE_MAX_PATCHES` (576) pixels by transitive closure
+    (batched matrix squarings: no host synchronisation, a fixed number of kernel launches, so
+    capturable in a CUDA graph and by ``torch.compile(fullgraph=True)``), for larger grids by
+    min-label propagation with one host synchronisation (the closure's ``(maps, N, N)`` memory
+    and ``N**3`` work grow too fast there).
 
     Args:
         mask: boolean tensor ``(..., H, W)``; all leading dimensions are batch dimensions.
         connectivity: 8 (default; diagonal neighbours connect) or 4.
-        backend: ``"auto"`` (scipy for CPU tensors, tensor operations otherwise), ``"scipy"``
-            (copies the mask to the host) or ``"torch"`` (tensor operations on any device).
+        backend: ``"auto"`` (scipy for CPU tensors, ``"torch"`` otherwise), ``"scipy"`` (copies
+            the mask to the host), ``"torch"`` (tensor operations on any device: the closure up
+            to 576 pixels per map, propagation above), or one tensor labeller forced on any
+            grid: ``"closure"`` (no synchronisation; memory ``O(maps * (H*W)**2)``) or
+            ``"propagate"`` (one synchronisation; memory ``O(maps * H*W)``).
 
     Returns:
         int64 tensor with the shape of ``mask``: 0 is background and the components of each map
@@ -166,12 +248,12 @@ def label_components(
         [[1, 0, 0], [0, 2, 0], [0, 0, 3]]
     """
     _check_mask(mask, connectivity)
-    backend = _resolve_backend(backend, mask.device)
+    h, w = mask.shape[-2:]
+    labeller = _resolve_backend(backend, mask.device, h * w)
     if mask.numel() == 0:
         return torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
-    h, w = mask.shape[-2:]
     maps = mask.reshape(-1, h, w)
-    if backend == "scipy":
+    if labeller == "scipy":
         ids, _ = _label_scipy(maps, connectivity)
         # scipy numbers components over the whole stack in raster order, so each map holds a
         # consecutive block of ids; subtract the number of components in the maps before it.
@@ -179,7 +261,7 @@ def label_components(
         offset = torch.cat([per_map_max.new_zeros(1), torch.cummax(per_map_max, 0).values[:-1]])
         labels = torch.where(ids > 0, ids - offset.view(-1, 1, 1), 0)
         return labels.reshape(mask.shape).to(mask.device)
-    roots = _label_propagate(maps, connectivity).reshape(maps.shape[0], -1)
+    roots = _label_tensor(maps, connectivity, labeller).reshape(maps.shape[0], -1)
     index = torch.arange(h * w, device=mask.device)
     flat = maps.reshape(maps.shape[0], -1)
     # A component's root is its first pixel; its rank among the roots of its map is its label.

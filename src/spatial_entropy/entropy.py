@@ -10,7 +10,7 @@ import scipy.ndimage
 import torch
 from torch import nn
 
-from spatial_entropy.components import _component_ids
+from spatial_entropy.components import _check_backend, _check_connectivity, _component_ids
 
 __all__ = [
     "SCHEDULES",
@@ -54,6 +54,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _map_mean(scores: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dimension, accumulated in float64 and returned in ``scores.dtype``.
+
+    A float32 sum of logits near the float32 maximum overflows to inf and makes the map NaN,
+    although the mean itself is representable. (MPS has no float64; it keeps float32 there.)
+    """
+    wide = torch.float32 if scores.device.type == "mps" else torch.float64
+    return scores.mean(dim=-1, keepdim=True, dtype=wide).to(scores.dtype)
+
+
 def spatial_entropy(
     logits: torch.Tensor,
     grid_shape: Sequence[int],
@@ -79,10 +89,22 @@ def spatial_entropy(
             order (prefix tokens already removed).
         grid_shape: ``(gh, gw)``, the patch grid; need not be square.
         connectivity: 8 (the published choice) or 4.
-        backend: labelling backend, see :func:`label_components`.
+        backend: labelling backend, see :func:`label_components`. ``"auto"`` labels CPU
+            tensors with scipy (one C call for the whole batch, the fastest on a CPU) and
+            other devices with ``"torch"``: for grids of up to 576 patches the transitive
+            closure, so the loss issues no host synchronisation and a fixed sequence of
+            kernels whatever the maps hold (capturable in a CUDA graph and by
+            ``torch.compile(fullgraph=True)``); above 576 patches propagation, with one
+            synchronisation. ``"torch"`` on a CPU tensor runs exactly the CUDA code (float32
+            instead of float16 matmuls), which is how the tests pin the CUDA path.
 
     Returns:
         ``(B, heads)`` tensor of entropies (float32; float64 for float64 input).
+
+    Raises:
+        TypeError: if ``logits`` is not a floating-point tensor.
+        ValueError: if the shapes disagree, or ``connectivity`` is not 4 or 8, or ``backend``
+            is unknown.
 
     Example:
         >>> logits = torch.zeros(1, 1, 9)
@@ -91,10 +113,12 @@ def spatial_entropy(
         0.6931
     """
     gh, gw = _check_inputs(logits, grid_shape)
+    _check_connectivity(connectivity)
+    _check_backend(backend)
     batch, heads, n = logits.shape
     with torch.autocast(device_type=logits.device.type, enabled=False):
         scores = logits.to(_compute_dtype(logits.dtype))
-        centred = scores - scores.mean(dim=-1, keepdim=True)
+        centred = scores - _map_mean(scores)
         foreground = (centred > 0).detach()
         weights = torch.where(foreground, centred, torch.zeros_like(centred))
 
@@ -125,6 +149,7 @@ def reference_spatial_entropy(
     :func:`spatial_entropy`; differentiable.
     """
     gh, gw = _check_inputs(logits, grid_shape)
+    _check_connectivity(connectivity)
     structure = scipy.ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         scores = logits.to(_compute_dtype(logits.dtype))
@@ -133,7 +158,7 @@ def reference_spatial_entropy(
             row = []
             for h in range(scores.shape[1]):
                 grid = scores[b, h].reshape(gh, gw)
-                mean = grid.mean()
+                mean = grid.mean(dtype=torch.float64).to(grid.dtype)  # no float32 overflow
                 foreground = grid > mean
                 weights = torch.relu(grid - mean) * foreground
                 regions, count = scipy.ndimage.label(
@@ -167,6 +192,8 @@ class SpatialEntropyLoss(nn.Module):
 
     def __init__(self, connectivity: int = 8, backend: str = "auto") -> None:
         super().__init__()
+        _check_connectivity(connectivity)
+        _check_backend(backend)
         self.connectivity = connectivity
         self.backend = backend
 
