@@ -18,7 +18,6 @@ from spatial_entropy.data.base import (
 )
 from spatial_entropy.data.registry import register_dataset
 
-
 # The only globals that CIFAR batches (Python 2 pickles of dicts, lists, bytes, str, int and
 # numpy arrays) or their Python 3 re-saves reference. numpy 2 calls `numpy.core` `numpy._core`.
 _ALLOWED_GLOBALS = frozenset(
