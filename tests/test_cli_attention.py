@@ -89,6 +89,18 @@ def test_attention_on_a_folder_of_images(runs, tmp_path):
     )
 
 
+def test_attention_on_a_folder_keeps_to_count(runs, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "two.png"
+    argv = ["attention", str(runs["se"]), "--images", str(folder), "--count", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert png_size(out)[1] == round((2 * PANEL_INCHES + 0.4) * 100)  # two rows, not four
+
+
 def test_attention_reports_a_missing_run(tmp_path, capsys):
     assert main(["attention", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
     assert re.fullmatch(r"spatial-entropy attention: .*config.yaml.*\n", capsys.readouterr().err)

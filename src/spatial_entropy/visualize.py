@@ -266,8 +266,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
     fig.savefig(path, dpi=dpi)
 
 
-def _folder_images(folder: Path, transform, in_chans: int) -> tuple[Tensor, list[str]]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def _folder_images(folder: Path, transform, in_chans: int, count: int) -> tuple[Tensor, list[str]]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
         raise FileNotFoundError(f"{folder}: no images (expected files ending in {IMAGE_SUFFIXES})")
     mode = "L" if in_chans == 1 else "RGB"
@@ -309,10 +309,11 @@ def run_attention_figure(
     Args:
         run_dirs: one run, or several to compare (e.g. baseline, then regularised); all must
             take the same inputs (dataset, image size, channels).
-        images_dir: a folder of images, prepared with the first run's evaluation transform;
-            None takes the first ``count`` items of ``split`` (with object masks when the
-            dataset has them).
-        split, count: which dataset items to show without ``images_dir``.
+        images_dir: a folder of images (the first ``count`` by file name), prepared with the
+            first run's evaluation transform; None takes the first ``count`` items of ``split``
+            (with object masks when the dataset has them).
+        split: the dataset split to show without ``images_dir``.
+        count: at most this many images (rows).
         mass: share of the attention mass the masks keep.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
@@ -329,7 +330,7 @@ def run_attention_figure(
             dataset = run_dataset
             if images_dir is not None:
                 images, row_labels = _folder_images(
-                    Path(images_dir), dataset.transform, dataset.in_chans
+                    Path(images_dir), dataset.transform, dataset.in_chans, count
                 )
             else:
                 items = [dataset[i] for i in range(min(count, len(dataset)))]

@@ -11,6 +11,7 @@ from data_writers import PETS_TEST, PETS_TRAINVAL, write_jpeg
 from PIL import Image
 
 from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset
+from spatial_entropy.data.base import open_image
 
 # --- CIFAR ---------------------------------------------------------------------------------
 
@@ -96,6 +97,20 @@ def test_cifar_reads_the_official_pickle_protocols(tmp_path, write_cifar, protoc
     np.testing.assert_array_equal(
         np.asarray(test.load(1)[0]), pixels[1].reshape(3, 32, 32).transpose(1, 2, 0)
     )
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_16_bit_png_keeps_its_grey_levels(tmp_path, mode):
+    # A 16-bit greyscale ramp: 8-bit conversion used to clip everything above 255 to white.
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    image = np.asarray(open_image(path, mode), dtype=np.float64)
+    expected = ramp / 257.0  # 65535 -> 255
+    if mode == "RGB":
+        assert image.shape == (16, 64, 3)
+        expected = np.repeat(expected[..., None], 3, axis=-1)
+    np.testing.assert_allclose(image, expected, atol=0.5 + 1e-9)
 
 
 # --- Flowers-102 ---------------------------------------------------------------------------

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", metavar="DIR", help="a folder of images (default: the first --count of --split)"
     )
     source.add_argument("--split", default="test", help="dataset split (default: test)")
-    parser.add_argument("--count", type=int, default=8, help="images from --split (default: 8)")
+    parser.add_argument(
+        "--count", type=int, default=8, help="images to draw, from --split or --images (default: 8)"
+    )
     parser.add_argument(
         "--mass", type=float, default=0.6, help="attention mass the masks keep (default: 0.6)"
     )
