@@ -147,6 +147,14 @@ def test_flowers_bad_inputs(flowers_dir):
         build_dataset("flowers102", "train", data_path=flowers_dir)
 
 
+def test_flowers_matlab_v73_file_names_the_file(flowers_dir):
+    # MATLAB's -v7.3 files are HDF5, which scipy cannot read (NotImplementedError).
+    header = b"MATLAB 7.3 MAT-file".ljust(116) + bytes(8) + b"\x00\x02IM"
+    (flowers_dir / "setid.mat").write_bytes(header + bytes(512))
+    with pytest.raises(DatasetError, match=r"setid\.mat: cannot read .*v7\.3"):
+        build_dataset("flowers102", "train", data_path=flowers_dir)
+
+
 def test_truncated_jpeg_names_the_file(flowers_dir):
     path = flowers_dir / "jpg" / "image_00002.jpg"
     write_jpeg(path, np.random.default_rng(0), size=(64, 64))
