@@ -107,3 +107,11 @@ def test_debug_environment_variable_zero_means_off(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("SPATIAL_ENTROPY_DEBUG", "0")
     argv = ["train", "--config", str(tmp_path / "nowhere.yaml"), "--output", str(tmp_path)]
     assert_one_line_error(*run_cli(capsys, argv), "nowhere.yaml")
+
+
+def test_debug_shows_the_cause_where_a_command_words_its_own_message(tmp_path, capsys):
+    argv = ["attention", str(tmp_path / "no-run"), "--out", str(tmp_path / "x.png")]
+    line = assert_one_line_error(*run_cli(capsys, argv), "no-run")
+    assert line.startswith("spatial-entropy attention: ")
+    with pytest.raises((OSError, ValueError), match="no-run"):
+        main([*argv, "--debug"])
