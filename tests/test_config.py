@@ -70,6 +70,7 @@ def test_unknown_key_lists_valid_keys():
         ("batch_size=0", "'batch_size' must be >= 1"),
         ("se.weight=-1", "'se.weight' must be >= 0"),
         ("nokey", "expects key=value"),
+        ("model_kwargs={depth: [1", r"--set 'model_kwargs=\{depth: \[1': invalid YAML value"),
     ],
 )
 def test_bad_values_are_named(item, message):

@@ -250,7 +250,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ValueError(f"--set expects key=value, got {item!r}")
     # YAML typing: `lr=1e-3` is a float, `model_ema=true` a bool, `max_steps=null` None.
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"--set {item!r}: invalid YAML value ({problem})") from exc
 
 
 def _read_yaml(path: str | os.PathLike) -> Any:

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             raise exc.__cause__ from None
         if not isinstance(exc.code, str):
             raise
-        print(exc.code, file=sys.stderr)
+        print(" ".join(exc.code.split()), file=sys.stderr)
         return 1
     except Exception as exc:
         if debug:
