@@ -84,7 +84,6 @@ def test_bad_values_are_named(item, message):
         (["lr=-1e-3"], "lr"),
         (["lr=.inf"], "lr"),
         (["lr=.nan"], "lr"),
-        (["lr=0"], "lr"),
         (["weight_decay=-0.05"], "weight_decay"),
         (["min_lr=-1"], "min_lr"),
         (["warmup_lr=.nan"], "warmup_lr"),
@@ -132,7 +131,7 @@ def test_range_limits_themselves_are_accepted():
     items = ["fraction=1", "val_fraction=1", "checkpoint_every=0", "warmup_epochs=0"]
     items += ["se.warmup_epochs=0", "se.weight=0", "drop_path=0", "smoothing=0", "reprob=1"]
     items += ["mixup=0", "cutmix=0", "layer_decay=1", "model_ema_decay=1", "num_workers=0"]
-    items += ["weight_decay=0", "min_lr=0", "warmup_lr=0"]
+    items += ["weight_decay=0", "min_lr=0", "warmup_lr=0", "lr=0"]
     config = load_config(overrides=items)
     assert config.fraction == 1.0 and config.checkpoint_every == 0
     assert load_config(overrides=["n_per_class=1"]).n_per_class == 1

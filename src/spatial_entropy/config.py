@@ -47,7 +47,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "epochs": (1, None),
     "max_steps": (1, None),
     "batch_size": (1, None),
-    "lr": ((0,), None),
+    "lr": (0, None),  # 0 freezes the weights (a test of loading, a probe)
     "weight_decay": (0, None),
     "layer_decay": ((0,), 1),
     "warmup_epochs": (0, None),
