@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import timm
+from safetensors import SafetensorError
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -24,6 +27,7 @@ from .checkpoint import latest_checkpoint
 
 __all__ = [
     "NoSkipAttentionBlock",
+    "check_model_name",
     "create_model",
     "load_checkpoint_into",
     "remove_last_skip",
@@ -185,6 +189,7 @@ def create_model(
     """
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    check_model_name(name)
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     model = timm.create_model(
@@ -204,6 +209,27 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     return model
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError when timm knows no model ``name``, suggesting the closest of timm's
+    models and our presets (a ``.tag`` suffix and ``hf-hub:`` names are left to timm).
+
+    Example:
+        >>> check_model_name("vit_smal_patch16_224")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown model 'vit_smal_patch16_224'; did you mean 'vit_small_patch16_224', ...
+    """
+    if ":" in name or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = (
+        f"did you mean {', '.join(repr(c) for c in close)}?"
+        if close
+        else "timm.list_models('*vit*') lists the Vision Transformers"
+    )
+    raise ValueError(f"unknown model {name!r}; {hint}")
 
 
 def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -228,7 +254,21 @@ def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> di
         )
     # timm's reader: safetensors or torch.load(weights_only=True); takes 'state_dict'/'model'
     # from training checkpoints and strips DDP 'module.' / torch.compile prefixes.
-    return load_state_dict(str(path), use_ema=False)
+    try:
+        return load_state_dict(str(path), use_ema=False)
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path}: cannot read the checkpoint ({_load_failure(exc)})") from exc
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why a checkpoint did not load, in one line. timm wraps torch's refusal in a RuntimeError
+    whose advice (retry with weights_only=False) would run the file's code; torch's own message
+    surrounds the reason with such advice, which is left out too."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, pickle.UnpicklingError) else exc
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(cause).splitlines()]
+    reason = " ".join(line for line in lines if line and not line.startswith(advice))
+    return f"{type(cause).__name__}: {reason or 'unreadable'}"
 
 
 def load_checkpoint_into(
@@ -266,8 +306,9 @@ def load_checkpoint_into(
 
     Raises:
         FileNotFoundError: the path holds no checkpoint.
-        ValueError: keys or shapes do not fit; lists every missing, unexpected and mismatched
-            key. The model is left untouched.
+        ValueError: the file cannot be read (corrupt, truncated, or a pickle that would run
+            code), naming it; or keys or shapes do not fit, listing every missing, unexpected
+            and mismatched key. The model is left untouched.
     """
     vit = unwrap_model(model)
     state_dict = _read_state_dict(checkpoint)

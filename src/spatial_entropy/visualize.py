@@ -268,11 +268,12 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
 
 
 def _folder_images(
-    folder: Path, transform, in_chans: int, masks_dir: Path | None = None
+    folder: Path, transform, in_chans: int, count: int, masks_dir: Path | None = None
 ) -> tuple[Tensor, list[str], Tensor | None]:
-    """The images of ``folder`` through ``transform``, their names, and with ``masks_dir``
-    their object masks ``masks_dir/<stem>.png`` (0/1/255 maps, see `open_object_mask`)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The first ``count`` images of ``folder`` (by file name) through ``transform``, their
+    names, and with ``masks_dir`` their object masks ``masks_dir/<stem>.png`` (0/1/255 maps,
+    see `open_object_mask`)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
         raise FileNotFoundError(f"{folder}: no images (expected files ending in {IMAGE_SUFFIXES})")
     mode = "L" if in_chans == 1 else "RGB"
@@ -335,12 +336,13 @@ def run_attention_figure(
     Args:
         run_dirs: one run, or several to compare (e.g. baseline, then regularised); all must
             take the same inputs (dataset, image size, channels).
-        images_dir: a folder of images, prepared with the first run's evaluation transform;
-            None takes the first ``count`` items of ``split`` (with object masks when the
-            dataset has them).
+        images_dir: a folder of images (the first ``count`` by file name), prepared with the
+            first run's evaluation transform; None takes the first ``count`` items of ``split``
+            (with object masks when the dataset has them).
         masks_dir: object masks of the ``images_dir`` images, ``<stem>.png`` each (0 =
             background, any other value = object); their outline is drawn.
-        split, count: which dataset items to show without ``images_dir``.
+        split: the dataset split to show without ``images_dir``.
+        count: at most this many images (rows).
         mass: share of the attention mass the masks keep.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
@@ -364,6 +366,7 @@ def run_attention_figure(
                     Path(images_dir),
                     dataset.transform,
                     dataset.in_chans,
+                    count,
                     None if masks_dir is None else Path(masks_dir),
                 )
             else:

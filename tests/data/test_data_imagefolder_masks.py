@@ -180,7 +180,7 @@ def test_data_info_reports_the_masks(masked_dir, tmp_path, capsys):
     assert "d1.png: mask file not found" in capsys.readouterr().err
 
 
-def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
+def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
     config = load_config(
         values={
             "model": "se_vit_tiny_patch4_32",
@@ -207,7 +207,14 @@ def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
             round((2 * PANEL_INCHES + 0.4) * 100),
         )
     (masks / "c1.png").unlink()
-    with pytest.raises(SystemExit, match=r"attention: .*cat/c1\.png: mask file not found for"):
-        main([*argv, "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"masks_dir \(--masks\) needs images_dir"):
-        main(["attention", str(run_dir), "--masks", str(masks), "--out", str(out)])
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert re.fullmatch(
+        r"spatial-entropy attention: .*cat/c1\.png: mask file not found for.*\n", error
+    )
+    assert main(["attention", str(run_dir), "--masks", str(masks), "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert re.fullmatch(
+        r"spatial-entropy attention: .*masks_dir \(--masks\) needs images_dir.*\n", error
+    )

@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="object masks of the --images images, MASKDIR/<stem>.png (0 = background, "
         "non-zero = object): outlined beside the kept patches",
     )
-    parser.add_argument("--count", type=int, default=8, help="images from --split (default: 8)")
+    parser.add_argument(
+        "--count", type=int, default=8, help="images to draw, from --split or --images (default: 8)"
+    )
     parser.add_argument(
         "--mass", type=float, default=0.6, help="attention mass the masks keep (default: 0.6)"
     )

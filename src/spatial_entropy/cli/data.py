@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from spatial_entropy.config import parse_override
@@ -60,6 +59,8 @@ def run_info(args: argparse.Namespace) -> int:
     from spatial_entropy.data import build_dataset
 
     try:
+        if args.grid_count < 1:  # checked before the (possibly slow) loading
+            raise ValueError(f"--grid-count must be >= 1, got {args.grid_count}")
         options = dict(parse_override(item) for item in args.options)
         dataset = build_dataset(
             args.name,
@@ -84,8 +85,7 @@ def run_info(args: argparse.Namespace) -> int:
             save_grid(dataset, args.grid, count=args.grid_count)
             print(f"grid: {args.grid}")
     except (ValueError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"{PROG}: {exc}") from exc
     return 0
 
 

@@ -40,14 +40,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
     from spatial_entropy.engine import train
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"spatial-entropy train: {exc}") from exc
-    try:
-        metrics = train(config, args.output, resume=args.resume == "auto")
-    except FileExistsError as exc:
-        raise SystemExit(f"spatial-entropy train: {exc}") from exc
+    # Errors reach `spatial_entropy.cli.main`, which prints them as one line.
+    config = load_config(args.config, args.overrides)
+    metrics = train(config, args.output, resume=args.resume == "auto")
     print(
         f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
         f"({metrics['steps']} steps, {metrics['train_time_s']:.0f} s) -> {args.output}"

@@ -39,11 +39,17 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     """Decode the image at ``path`` fully and convert it to ``mode``.
 
     Decoding happens here, not lazily, so that a corrupt or truncated file fails with an error
-    naming it instead of somewhere inside a transform.
+    naming it instead of somewhere inside a transform. 16-bit greyscale images are scaled to
+    8 bits (not clipped).
     """
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I"):
+                # 16-bit greyscale (PNG): Pillow's convert clips every value above 255 to
+                # white; scale 0..65535 to 0..255 instead.
+                levels = np.asarray(image, dtype=np.float64) / 257.0
+                image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), "L")
             return image.convert(mode)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"{path}: image file not found") from exc

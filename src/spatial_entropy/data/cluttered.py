@@ -330,7 +330,7 @@ def generate_cluttered(
     path = path / f"{split}-n{n}-seed{seed}-{digest.hexdigest()[:16]}.npz"
     if cache and path.is_file():
         try:
-            with np.load(path) as stored:
+            with np.load(path, allow_pickle=False) as stored:
                 return {name: stored[name] for name in ARRAY_NAMES}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             warnings.warn(f"{path}: unreadable cache ({exc}); generating again", stacklevel=2)

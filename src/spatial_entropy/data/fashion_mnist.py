@@ -120,9 +120,10 @@ def find_fashion_mnist(
 
             FashionMNIST(str(target), train=True, download=True)
         except Exception as exc:  # no network, proxy, disk full: all end in the same advice
+            # What to do first: the download's own error is long and says little.
             raise DatasetNotFoundError(
-                f"Fashion-MNIST not found and the download into {target} failed ({exc}); "
-                f"{HOW_TO_GET}"
+                f"Fashion-MNIST not found; {HOW_TO_GET}. Downloading it into {target} failed "
+                f"too ({exc})"
             ) from exc
         return target / "FashionMNIST" / "raw"
     searched = ", ".join(str(d) for d in _candidate_dirs(data_path))

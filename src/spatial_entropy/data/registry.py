@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Callable
@@ -39,7 +40,9 @@ def dataset_names() -> list[str]:
 def dataset_class(name: str) -> type[VisionDataset]:
     """The class registered as ``name``; ValueError listing the names if there is none."""
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
+        close = difflib.get_close_matches(name, dataset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; expected one of {dataset_names()}")
     return _DATASETS[name]
 
 
