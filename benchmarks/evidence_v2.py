@@ -480,15 +480,14 @@ def main() -> None:
         record_result(record, args.results, run, result)
 
     common = dict(variant=Variant(img_size=IMG_SIZE), device=args.device, threads=args.threads,
-                  run_fn=run_arm, on_result=on_result)  # fmt: skip
+                  run_fn=run_arm, on_result=on_result, order=seed_order(arm_names))  # fmt: skip
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     if pilots:
         execute(pilots, args.work_dir, jobs=min(args.jobs, len(pilots)),
                        time_budget_s=budget_left(), **common)  # fmt: skip
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     if runs and (budget_left() is None or budget_left() > 0):
-        execute(runs, args.work_dir, jobs=args.jobs, time_budget_s=budget_left(),
-                        order=seed_order(arm_names), **common)  # fmt: skip
+        execute(runs, args.work_dir, jobs=args.jobs, time_budget_s=budget_left(), **common)
     record["machine"] = {"platform": platform.platform(), "device": torch.cuda.get_device_name()
                          if args.device == "cuda" else "cpu", "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)
