@@ -34,9 +34,11 @@ finishes, atomically; an invocation skips every run recorded there, so a fresh m
 without ``runs/`` continues where the last one stopped. Runs go in seed order (seed 0 of every
 size and arm, then seed 1, ...), so a partial record stays paired.
 
-    python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1 --time-budget 90  # CPU
-    bash benchmarks/gpu_session.sh evidence 10                                        # GPU
+    timeout 150m python benchmarks/evidence_v2.py --sizes 50 --threads 2  # CPU, one session
+    bash benchmarks/gpu_session.sh evidence 10                            # a lent GPU
     python benchmarks/evidence_v2.py --report benchmarks/results/evidence_v2.json
+
+Costs and the plans' estimates: docs/evidence_v2.md.
 """
 
 from __future__ import annotations
