@@ -282,6 +282,23 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def seed_lines(ax, results: list[dict], arms: list[str], key: str, label: str) -> None:
+    """One size's runs on ``ax``: ``key`` per arm (x), one grey line per seed (the pairing the
+    paired differences use) and the mean over seeds; runs without ``key`` (None) are left out."""
+    by_seed = {(r["arm"], r["seed"]): r[key] for r in results if r.get(key) is not None}
+    for seed in sorted({r["seed"] for r in results}):
+        xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
+        ys = [by_seed[(arms[i], seed)] for i in xs]
+        ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
+    means = [(i, mean_std(v)[0]) for i, arm in enumerate(arms)
+             if (v := [value for (a, _), value in by_seed.items() if a == arm])]  # fmt: skip
+    ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9,
+            label="mean over seeds")  # fmt: skip
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
 def plot(results: list[dict], path: Path, title: str = "") -> None:
     """Top-1 and Jaccard against n per arm; with a single size, every seed against the arms
     instead (one line per seed: the pairing the paired differences use)."""
@@ -296,18 +313,8 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
     panels = ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard"))
     if len(sizes) == 1:
         arms = [arm for arm in ARMS if (sizes[0], arm) in groups]
-        seeds = sorted({r["seed"] for r in results})
         for ax, key, label in panels:
-            by_seed = {(r["arm"], r["seed"]): r[key] for r in results}
-            for seed in seeds:
-                xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
-                ys = [by_seed[(arms[i], seed)] for i in xs]
-                ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
-            means = [mean_std([r[key] for r in groups[(sizes[0], arm)]])[0] for arm in arms]
-            ax.plot(range(len(arms)), means, "o", color="C3", ms=9, label="mean over seeds")
-            ax.set_xticks(range(len(arms)), arms, rotation=20)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+            seed_lines(ax, results, arms, key, label)
         axes[0].legend()
         fig.suptitle(f"cluttered-fashion, {MODEL}{title}, n = {sizes[0]}/class: one line per seed")
     else:

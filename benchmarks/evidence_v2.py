@@ -59,12 +59,15 @@ from data_efficiency import (  # noqa: E402
     ARMS,
     Size,
     Variant,
+    _save,
     execute,
     group,
     mean_std,
     paired_interval,
     recipe,
+    seed_lines,
 )
+from spatial_entropy.attention import AttentionCapture  # noqa: E402
 from spatial_entropy.config import config_keys, load_config  # noqa: E402
 from spatial_entropy.data import build_dataset  # noqa: E402
 from spatial_entropy.data.subsets import ClassSubset, stratified_indices  # noqa: E402
@@ -72,6 +75,7 @@ from spatial_entropy.distributed import DistributedInfo  # noqa: E402
 from spatial_entropy.engine import evaluate, train  # noqa: E402
 from spatial_entropy.evaluation import evaluate_run_attention, load_run  # noqa: E402
 from spatial_entropy.loader import build_eval_loader  # noqa: E402
+from spatial_entropy.models import create_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "evidence_v2.json"
 IMG_SIZE = 56
@@ -200,10 +204,9 @@ def run_arm(size: Size, arm: str, seed: int, work_dir: Path, variant: Variant, d
     selection = select_lambda(size, seed, work_dir, device) if arm == "se_val" else {}
     config = config_for(size, arm, seed, device, selection.get("lambda"))
     metrics = _train(config, run_dir)
-    try:
+    attention = {}  # no capture for the model (ConViT): the statistics are reported missing
+    if has_attention_capture(config.model):
         attention = evaluate_run_attention(run_dir, "test", device=device, mass=0.6)
-    except TypeError:  # no [CLS] attention capture for this model (ConViT): reported missing
-        attention = {}
     train_top1 = subset_top1(run_dir, device)
     result = {
         "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": arm, "seed": seed,
@@ -217,6 +220,15 @@ def run_arm(size: Size, arm: str, seed: int, work_dir: Path, variant: Variant, d
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(result_path)
     return result
+
+
+def has_attention_capture(model: str) -> bool:
+    """Whether the [CLS] attention of preset ``model`` can be captured (not ConViT's MHSA)."""
+    try:
+        AttentionCapture(create_model(model, num_classes=10, in_chans=1)).remove()
+    except TypeError:
+        return False
+    return True
 
 
 def run_pilot(size: Size, work_dir: Path, device: str) -> dict:
@@ -439,6 +451,37 @@ def report(record: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Per size (rows): test top-1, generalisation gap and Jaccard per arm, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["n_per_class"] for r in results})
+    order = [arm for arm in arms() if any(r["arm"] == arm for r in results)]
+    fig, axes = plt.subplots(len(sizes), 3, figsize=(14, 4 * len(sizes)), squeeze=False)
+    panels = (("top1", "test top-1 (%)"), ("gap", "train - test top-1 (points)"),
+              ("jaccard", "Jaccard"))  # fmt: skip
+    for row, n in zip(axes, sizes, strict=True):
+        runs = [r for r in results if r["n_per_class"] == n]
+        for ax, (key, label) in zip(row, panels, strict=True):
+            seed_lines(ax, runs, order, key, label)
+        row[0].set_title(f"n = {n}/class", loc="left")
+    axes[0][0].legend()
+    fig.suptitle(f"cluttered-fashion, 14x14 grid ({VIT} and peers): one line per seed")
+    _save(fig, path)
+
+
+def write_report(record: dict, path: Path) -> str:
+    """The report as text, written beside the record (.md) with its plot (.png)."""
+    text = report(record)
+    path.with_suffix(".md").write_text(text + "\n")
+    if record["runs"]:
+        plot(record["runs"], path.with_suffix(".png"))
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=SIZES)
@@ -456,9 +499,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print the report")
     args = parser.parse_args()
     if args.report:
-        text = report(json.loads(args.report.read_text()))
-        args.report.with_suffix(".md").write_text(text + "\n")
-        print(text)
+        print(write_report(json.loads(args.report.read_text()), args.report))
         return
     arm_names = args.arms or list(arms())
     unknown = set(arm_names) - set(arms())
@@ -493,9 +534,7 @@ def main() -> None:
     record["machine"] = {"platform": platform.platform(), "device": torch.cuda.get_device_name()
                          if args.device == "cuda" else "cpu", "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)
-    text = report(record)
-    args.results.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    print(write_report(record, args.results))
     remaining = len(pending(record, args.sizes, arm_names, args.seeds)[1]) + len(pilots)
     print(f"{len(record['runs'])} runs recorded in {args.results}; {remaining} still to do "
           f"({(time.perf_counter() - start) / 60:.1f} min this invocation)")  # fmt: skip

@@ -168,7 +168,12 @@ def result(n, arm, seed, top1, jaccard) -> dict:
             "regions_mean": 2.0}  # fmt: skip
 
 
-def test_hypothesis_verdicts_by_hand(ev) -> None:
+def test_attention_capture_per_arm_model(ev) -> None:
+    assert ev.has_attention_capture(ev.VIT) and ev.has_attention_capture(ev.CONV_STEM)
+    assert not ev.has_attention_capture(ev.CONVIT)  # MHSA: its Jaccard is reported missing
+
+
+def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
     runs = []
     for seed, base in enumerate((40.0, 42.0, 44.0)):  # baseline seed std 2
         runs.append(result(50, "baseline", seed, base, 0.30))
@@ -191,3 +196,6 @@ def test_hypothesis_verdicts_by_hand(ev) -> None:
     text = ev.report({"pilot": {}, "runs": runs})
     assert "| 50 | convit | 3 | 9 | 9 | 46.0 ± 2.0 | 100.0 ± 0.0 | 54.0 ± 2.0 | n/a |" in text
     assert "- H1, n = 50: **held**" in text
+    ev.write_report({"pilot": {}, "runs": runs}, tmp_path / "record.json")
+    assert (tmp_path / "record.md").read_text() == text + "\n"
+    assert (tmp_path / "record.png").stat().st_size > 0
