@@ -211,8 +211,9 @@ def run_arm(size: Size, arm: str, seed: int, work_dir: Path, variant: Variant, d
     result = {
         "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": arm, "seed": seed,
         "model": config.model, "se_weight": config.se.weight, **selection,
-        "steps": metrics["steps"], "train_time_s": metrics["train_time_s"], "device": device,
-        "top1": metrics["top1"], "train_top1": train_top1, "gap": train_top1 - metrics["top1"],
+        "steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+        "device": device_name(device), "top1": metrics["top1"], "train_top1": train_top1,
+        "gap": train_top1 - metrics["top1"],
         **{k: attention.get(k) for k in
            ("jaccard", "se_mean", "regions_mean", "single_region_share")},
     }  # fmt: skip
@@ -220,6 +221,11 @@ def run_arm(size: Size, arm: str, seed: int, work_dir: Path, variant: Variant, d
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(result_path)
     return result
+
+
+def device_name(device: str) -> str:
+    """The accelerator a run's times were measured on ("cpu" or the GPU's name)."""
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def has_attention_capture(model: str) -> bool:
@@ -250,7 +256,8 @@ def run_pilot(size: Size, work_dir: Path, device: str) -> dict:
     chosen, reason = choose_epochs(log, epochs)
     return {"n_per_class": size.n_per_class, "max_epochs": epochs, "epochs": chosen,
             "reason": reason, "top1": metrics["top1"], "steps": metrics["steps"],
-            "train_time_s": metrics["train_time_s"], "device": device, "log": log}  # fmt: skip
+            "train_time_s": metrics["train_time_s"], "device": device_name(device),
+            "log": log}  # fmt: skip
 
 
 def choose_epochs(log: list[dict], max_epochs: int) -> tuple[int, str]:
@@ -526,13 +533,13 @@ def main() -> None:
                   run_fn=run_arm, on_result=on_result, order=seed_order(arm_names))  # fmt: skip
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     if pilots:
-        execute(pilots, args.work_dir, jobs=min(args.jobs, len(pilots)),
-                       time_budget_s=budget_left(), **common)  # fmt: skip
+        jobs = min(args.jobs, len(pilots))
+        execute(pilots, args.work_dir, jobs=jobs, time_budget_s=budget_left(), **common)
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     if runs and (budget_left() is None or budget_left() > 0):
         execute(runs, args.work_dir, jobs=args.jobs, time_budget_s=budget_left(), **common)
-    record["machine"] = {"platform": platform.platform(), "device": torch.cuda.get_device_name()
-                         if args.device == "cuda" else "cpu", "jobs": args.jobs}  # fmt: skip
+    record["machine"] = {"platform": platform.platform(), "device": device_name(args.device),
+                         "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)
     print(write_report(record, args.results))
     remaining = len(pending(record, args.sizes, arm_names, args.seeds)[1]) + len(pilots)
