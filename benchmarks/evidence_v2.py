@@ -512,6 +512,8 @@ def main() -> None:
     unknown = set(arm_names) - set(arms())
     if unknown:
         parser.error(f"--arms: unknown or disabled {sorted(unknown)}; enabled: {list(arms())}")
+    if args.pilot_epochs and args.results.resolve() == RESULTS.resolve():
+        parser.error("--pilot-epochs changes the protocol: give a scratch --results")
     if args.pilot_epochs:
         PILOT_EPOCHS.update(dict.fromkeys(PILOT_EPOCHS, args.pilot_epochs))
     if args.threads:
