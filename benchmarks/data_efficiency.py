@@ -40,6 +40,7 @@ import multiprocessing
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -281,6 +282,23 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def seed_lines(ax, results: list[dict], arms: list[str], key: str, label: str) -> None:
+    """One size's runs on ``ax``: ``key`` per arm (x), one grey line per seed (the pairing the
+    paired differences use) and the mean over seeds; runs without ``key`` (None) are left out."""
+    by_seed = {(r["arm"], r["seed"]): r[key] for r in results if r.get(key) is not None}
+    for seed in sorted({r["seed"] for r in results}):
+        xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
+        ys = [by_seed[(arms[i], seed)] for i in xs]
+        ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
+    means = [(i, mean_std(v)[0]) for i, arm in enumerate(arms)
+             if (v := [value for (a, _), value in by_seed.items() if a == arm])]  # fmt: skip
+    ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9,
+            label="mean over seeds")  # fmt: skip
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
 def plot(results: list[dict], path: Path, title: str = "") -> None:
     """Top-1 and Jaccard against n per arm; with a single size, every seed against the arms
     instead (one line per seed: the pairing the paired differences use)."""
@@ -295,18 +313,8 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
     panels = ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard"))
     if len(sizes) == 1:
         arms = [arm for arm in ARMS if (sizes[0], arm) in groups]
-        seeds = sorted({r["seed"] for r in results})
         for ax, key, label in panels:
-            by_seed = {(r["arm"], r["seed"]): r[key] for r in results}
-            for seed in seeds:
-                xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
-                ys = [by_seed[(arms[i], seed)] for i in xs]
-                ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
-            means = [mean_std([r[key] for r in groups[(sizes[0], arm)]])[0] for arm in arms]
-            ax.plot(range(len(arms)), means, "o", color="C3", ms=9, label="mean over seeds")
-            ax.set_xticks(range(len(arms)), arms, rotation=20)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+            seed_lines(ax, results, arms, key, label)
         axes[0].legend()
         fig.suptitle(f"cluttered-fashion, {MODEL}{title}, n = {sizes[0]}/class: one line per seed")
     else:
@@ -382,13 +390,27 @@ def execute(
     jobs: int,
     threads: int | None,
     time_budget_s: float | None,
+    run_fn: Callable[..., dict] | None = None,
+    order: Callable[[tuple[Size, str, int]], tuple] | None = None,
+    on_result: Callable[[tuple[Size, str, int], dict], None] | None = None,
 ) -> int:
     """Run (or read back) every run, ``jobs`` at a time in worker processes; start none after
-    ``time_budget_s``. Returns how many runs were left unstarted."""
+    ``time_budget_s``. Returns how many runs were left unstarted.
+
+    ``run_fn(size, arm, seed, work_dir, variant, device)`` (default `run_one`; a module-level
+    function, for the worker processes) does one run; ``order`` sorts the runs (default: size,
+    then seed, then the arms' order in ARMS); ``on_result(run, result)`` is called in this
+    process as each run finishes (e.g. to record it)."""
     start = time.perf_counter()
-    # seed-major order: stopping early (time budget) leaves every arm with about as many seeds
-    order = {arm: i for i, arm in enumerate(ARMS)}
-    queue = sorted(runs, key=lambda r: (r[0].n_per_class, r[2], order[r[1]]))
+    run_fn = run_fn or run_one
+    if order is None:
+        # seed-major: stopping early (time budget) leaves every arm with about as many seeds
+        arm_rank = {arm: i for i, arm in enumerate(ARMS)}
+
+        def order(run: tuple[Size, str, int]) -> tuple:
+            return run[0].n_per_class, run[2], arm_rank[run[1]]
+
+    queue = sorted(runs, key=order)
     total = len(queue)
     done = 0
 
@@ -396,9 +418,16 @@ def execute(
         nonlocal done
         done += 1
         size, arm, seed = run
-        print(f"[{done}/{total}] n={size.n_per_class} {arm} seed {seed}: top-1 "
-              f"{result['top1']:.1f}, Jaccard {result['jaccard']:.3f}, SE {result['se_mean']:.3f} "
-              f"({seconds:.0f} s)", flush=True)  # fmt: skip
+        # a model without a [CLS] attention capture (ConViT) has no attention statistics
+        jaccard, se = (f"{v:.3f}" if v is not None else "n/a"
+                       for v in (result.get("jaccard"), result.get("se_mean")))  # fmt: skip
+        print(
+            f"[{done}/{total}] n={size.n_per_class} {arm} seed {seed}: top-1 "
+            f"{result['top1']:.1f}, Jaccard {jaccard}, SE {se} ({seconds:.0f} s)",
+            flush=True,
+        )
+        if on_result is not None:
+            on_result(run, result)
 
     def time_left() -> bool:
         return time_budget_s is None or time.perf_counter() - start < time_budget_s
@@ -406,7 +435,7 @@ def execute(
     if jobs <= 1:
         while queue and time_left():
             run, t0 = queue.pop(0), time.perf_counter()
-            report(run, run_one(*run, work_dir, variant, device), time.perf_counter() - t0)
+            report(run, run_fn(*run, work_dir, variant, device), time.perf_counter() - t0)
         return len(queue)
     warm_cache(variant)
     context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
@@ -416,7 +445,7 @@ def execute(
         while queue or running:
             while queue and len(running) < jobs and time_left():
                 run = queue.pop(0)
-                future = pool.submit(run_one, *run, work_dir, variant, device)
+                future = pool.submit(run_fn, *run, work_dir, variant, device)
                 running[future] = (run, time.perf_counter())
             if not running:
                 break
