@@ -523,7 +523,7 @@ def evaluate_run(
             f"has {_names(model.classes)}), so accuracy would mean nothing"
         )
         if not attention:
-            raise ValueError(f"{omitted['top1']}; only --attention statistics can be computed")
+            raise ValueError(f"{omitted['accuracy']}; only --attention statistics can be computed")
     if attention and not data.with_masks:
         omitted["jaccard"] = f"{name} at {where} has no object masks" + (
             " (imagefolder: a masks/ folder beside train/ and val/, or the masks_path option)"
