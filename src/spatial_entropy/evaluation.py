@@ -19,7 +19,7 @@ from spatial_entropy.components import label_components
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import spatial_entropy
 from spatial_entropy.loader import build_eval_loader
-from spatial_entropy.runs import RunPaths, labels_match_run, load_run
+from spatial_entropy.runs import RunPaths, data_source, labels_match_run, load_run
 
 __all__ = [
     "VOID_LABEL",
@@ -513,8 +513,7 @@ def evaluate_run(
         run_dir, split, checkpoint=checkpoint, with_masks=attention, dataset=dataset,
         data_path=data_path, data_options=data_options, skip_bad=skip_bad,
     )  # fmt: skip
-    name = dataset or cfg.dataset
-    where = data_path if data_path is not None or name != cfg.dataset else cfg.data_path
+    name, where, _ = data_source(cfg, dataset, data_path)
     omitted = {}
     accuracy = labels_match_run(model, data)
     if not accuracy:

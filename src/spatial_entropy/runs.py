@@ -18,7 +18,7 @@ from spatial_entropy.data.registry import dataset_class
 # and this module builds models, so the name is defined there.
 from spatial_entropy.models import MODEL_WEIGHTS_NAME, create_model, load_checkpoint_into
 
-__all__ = ["RunPaths", "load_run"]
+__all__ = ["RunPaths", "data_source", "labels_match_run", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def load_run(
         skip_bad: skip bad items (e.g. images without their mask) instead of raising.
 
     Returns:
-        ``(model, dataset, config)``, the model in eval mode on the CPU.
+        ``(model, dataset, config)``, the model in eval mode on the CPU, with the run's class
+        names as ``model.classes``.
 
     Raises:
         FileNotFoundError: the run has no weights (yet), ``checkpoint`` does not exist, or
@@ -131,11 +132,8 @@ def load_run(
         weights = weights.with_suffix(".safetensors")
     if checkpoint is None and not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}; has the run finished?")
-    name = dataset or config.dataset
-    own_data = name == config.dataset and data_path is None
-    if data_path is None and name == config.dataset:
-        data_path = config.data_path
-    options = (config.data_options if name == config.dataset else {}) | (data_options or {})
+    own_data = (dataset or config.dataset) == config.dataset and data_path is None
+    name, data_path, options = data_source(config, dataset, data_path, data_options)
     # The run's training subset, drawn by build_dataset exactly as engine.build_datasets does.
     subset = dict(n_per_class=config.n_per_class, fraction=config.fraction)
     eval_set = build_dataset(
@@ -177,6 +175,21 @@ def load_run(
         ) from exc
     model.classes = list(classes)
     return model.eval(), eval_set, config
+
+
+def data_source(
+    config: TrainConfig,
+    dataset: str | None = None,
+    data_path: str | os.PathLike | None = None,
+    data_options: dict[str, Any] | None = None,
+) -> tuple[str, str | os.PathLike | None, dict[str, Any]]:
+    """``(dataset, data_path, options)`` that :func:`load_run` reads: the run's, with the
+    given ones in their place (``data_options`` added to the run's own for its dataset)."""
+    name = dataset or config.dataset
+    same = name == config.dataset
+    if data_path is None and same:
+        data_path = config.data_path
+    return name, data_path, (config.data_options if same else {}) | (data_options or {})
 
 
 def labels_match_run(model: nn.Module, dataset: Dataset) -> bool:
