@@ -15,7 +15,7 @@ from spatial_entropy.checkpoint import save_weights
 from spatial_entropy.cli import main
 from spatial_entropy.config import load_config, save_config
 from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset, dataset_class
-from spatial_entropy.evaluation import evaluate_attention
+from spatial_entropy.evaluation import evaluate_attention, evaluate_run
 from spatial_entropy.models import create_model
 from spatial_entropy.visualize import PANEL_INCHES
 
@@ -267,8 +267,9 @@ def test_evaluate_a_run_on_a_masked_folder(masked_dir, tmp_path, capsys):
     assert result["se_mean"] == 0 and result["regions_mean"] == 0
     assert "omitted" not in result and result["data_path"] == str(masked_dir)
     # without --skip-bad, the image without its mask stops the command, naming the mask
-    with pytest.raises(SystemExit, match=r"^spatial-entropy evaluate: .*dog/d1\.png: mask file"):
-        evaluate_folder(run_dir, masked_dir)
+    with pytest.raises(DatasetNotFoundError, match=r"dog/d1\.png: mask file not found") as error:
+        evaluate_run(run_dir, attention=True, data_path=masked_dir)
+    assert "\n" not in str(error.value)
 
 
 def test_evaluate_on_other_classes_leaves_accuracy_out(masked_dir, tmp_path, capsys):
@@ -281,8 +282,8 @@ def test_evaluate_on_other_classes_leaves_accuracy_out(masked_dir, tmp_path, cap
         in (result["omitted"]["accuracy"])
     )
     assert "no accuracy: imagefolder at" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"only --attention statistics can be computed$"):
-        main(["evaluate", str(run_dir), "--data-path", str(masked_dir)])
+    with pytest.raises(ValueError, match=r"would mean nothing; only --attention statistics can"):
+        evaluate_run(run_dir, data_path=masked_dir)
 
 
 def test_evaluate_on_a_folder_without_masks_or_without_a_folder(masked_dir, tmp_path, capsys):
@@ -296,8 +297,8 @@ def test_evaluate_on_a_folder_without_masks_or_without_a_folder(masked_dir, tmp_
     moved = evaluate_folder(run_dir, masked_dir, "--set", f"masks_path={tmp_path / 'elsewhere'}",
                             "--skip-bad")  # fmt: skip
     assert moved["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
-    with pytest.raises(SystemExit, match=r"^spatial-entropy evaluate: .*nowhere/val: not found"):
-        evaluate_folder(run_dir, tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere/val: not found; expected a folder"):
+        evaluate_run(run_dir, attention=True, data_path=tmp_path / "nowhere")
 
 
 def test_evaluate_a_grey_run_on_a_colour_folder_is_an_error(masked_dir, tmp_path):
@@ -315,6 +316,5 @@ def test_evaluate_a_grey_run_on_a_colour_folder_is_an_error(masked_dir, tmp_path
     save_config(config, run_dir / "config.yaml")
     model = create_model(config.model, num_classes=10, in_chans=1, **config.model_kwargs)
     save_weights(model, run_dir / "model.safetensors")
-    argv = ["--dataset", "imagefolder", "--skip-bad"]
-    with pytest.raises(SystemExit, match=r"trained on 1-channel images; imagefolder at .* gives 3"):
-        evaluate_folder(run_dir, masked_dir, *argv)
+    with pytest.raises(ValueError, match=r"trained on 1-channel images; imagefolder at .* gives 3"):
+        evaluate_run(run_dir, dataset="imagefolder", data_path=masked_dir)
