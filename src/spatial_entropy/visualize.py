@@ -358,7 +358,8 @@ def run_attention_figure(
     runs = {}
     images = masks = row_labels = dataset = None
     for run_dir, run_name in zip(map(Path, run_dirs), run_names(run_dirs), strict=True):
-        model, run_dataset, config = load_run(run_dir, split)
+        # The dataset's own masks are drawn only when its items are shown.
+        model, run_dataset, config = load_run(run_dir, split, with_masks=images_dir is None)
         if dataset is None:
             dataset = run_dataset
             if images_dir is not None:

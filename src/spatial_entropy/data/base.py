@@ -146,8 +146,8 @@ class VisionDataset(Dataset):
     native_size: int | None = None
     """Side of every image when it is fixed (<= 64 selects the small-image recipe)."""
     mask_dtype: torch.dtype | None = None
-    """dtype of the masks; None: the dataset has no masks (datasets whose masks are optional,
-    such as imagefolder, leave it None on the class and set it on an instance with masks)."""
+    """dtype of the masks; None: the dataset has no masks (where masks are optional, as in
+    imagefolder, `has_masks` says whether a given root has them)."""
     mask_fill: ClassVar[int] = 0
     """Mask value for pixels that padding adds (0 = background; VOC uses 255 = void)."""
 
@@ -174,9 +174,9 @@ class VisionDataset(Dataset):
     def has_masks(cls, root: str | os.PathLike | None, **options: Any) -> bool:
         """Whether the dataset at ``root`` with ``options`` can give masks (``with_masks``).
 
-        True when the dataset always has masks; datasets whose masks are optional (imagefolder)
-        look at ``root``. Code that wants masks wherever they exist (a run's evaluation) asks
-        this instead of failing on a dataset without them.
+        True when the dataset has masks (``mask_dtype``); datasets whose masks are optional
+        (imagefolder) also look at ``root``. Code that wants masks wherever they exist (a
+        run's evaluation) asks this instead of failing on a dataset without them.
         """
         return cls.mask_dtype is not None
 
