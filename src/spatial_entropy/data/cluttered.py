@@ -1,6 +1,6 @@
 """The cluttered Fashion-MNIST benchmark: seeded 64x64 scenes with an exact object mask.
 
-Each scene (see ../shared/benchmarks.md, section 2): a random crop of one of scikit-image's
+Each scene (see docs/benchmarks.md, section 2): a random crop of one of scikit-image's
 bundled photographs in grey, resized to the canvas and dimmed (x0.6); ``distractors`` (default 4)
 random 10x10 fragments of other Fashion-MNIST items of any class, placed so that each fragment's
 10x10 window covers at most ``max_overlap`` (10%) of object pixels; on top, one Fashion-MNIST
