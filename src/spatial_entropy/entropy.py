@@ -10,6 +10,7 @@ import scipy.ndimage
 import torch
 from torch import nn
 
+from spatial_entropy.checks import check_maps
 from spatial_entropy.components import _check_backend, _check_connectivity, _component_ids
 
 __all__ = [
@@ -19,34 +20,6 @@ __all__ = [
     "se_weight",
     "spatial_entropy",
 ]
-
-
-def _check_inputs(logits: torch.Tensor, grid_shape: Sequence[int]) -> tuple[int, int]:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"Expected logits to be a torch.Tensor, but got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"Expected floating-point logits, but got dtype {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(
-            f"Expected logits of shape (B, heads, N), rank 3, but got shape {tuple(logits.shape)}"
-        )
-    if (
-        not isinstance(grid_shape, Sequence)
-        or len(grid_shape) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_shape)
-    ):
-        raise ValueError(
-            f"Expected grid_shape to be two positive ints (gh, gw), got {grid_shape!r}"
-        )
-    gh, gw = grid_shape
-    if logits.shape[-1] != gh * gw:
-        raise ValueError(
-            f"Expected N = gh * gw = {gh} * {gw} = {gh * gw} patch logits, but got N = "
-            f"{logits.shape[-1]} (shape {tuple(logits.shape)})"
-        )
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"Expected a non-empty batch of maps, but got shape {tuple(logits.shape)}")
-    return gh, gw
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,7 +85,7 @@ def spatial_entropy(
         >>> round(spatial_entropy(logits, (3, 3)).item(), 4)  # log 2
         0.6931
     """
-    gh, gw = _check_inputs(logits, grid_shape)
+    gh, gw = check_maps(logits, grid_shape, non_empty=True)
     _check_connectivity(connectivity)
     _check_backend(backend)
     batch, heads, n = logits.shape
@@ -148,7 +121,7 @@ def reference_spatial_entropy(
     Kept as the test oracle and the benchmark baseline. Same arguments and output as
     :func:`spatial_entropy`; differentiable.
     """
-    gh, gw = _check_inputs(logits, grid_shape)
+    gh, gw = check_maps(logits, grid_shape, non_empty=True)
     _check_connectivity(connectivity)
     structure = scipy.ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
     with torch.autocast(device_type=logits.device.type, enabled=False):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.checkpoint import atomic_write
+from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import spatial_entropy
@@ -36,22 +37,6 @@ __all__ = [
 
 VOID_LABEL = 255
 """Class-map value of pixels that are ignored (PASCAL VOC's object boundaries and padding)."""
-
-
-def _check_maps(maps: Tensor, grid_shape: Sequence[int], name: str) -> tuple[int, int]:
-    if not isinstance(maps, Tensor) or not maps.dtype.is_floating_point:
-        raise TypeError(f"Expected {name} to be a floating-point tensor, but got {maps!r:.80}")
-    if maps.dim() != 3:
-        raise ValueError(
-            f"Expected {name} of shape (B, heads, N), rank 3, but got shape {tuple(maps.shape)}"
-        )
-    gh, gw = (int(g) for g in grid_shape)
-    if maps.shape[-1] != gh * gw:
-        raise ValueError(
-            f"Expected N = gh * gw = {gh * gw} patches for grid {gh}x{gw}, but got "
-            f"shape {tuple(maps.shape)}"
-        )
-    return gh, gw
 
 
 def attention_masks(
@@ -83,7 +68,7 @@ def attention_masks(
         >>> attention_masks(attention, (2, 2)).int().tolist()
         [[[[1, 1], [0, 0]]]]
     """
-    gh, gw = _check_maps(attention, grid_shape, "attention")
+    gh, gw = check_maps(attention, grid_shape, "attention")
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"Expected mass in (0, 1], but got {mass}")
     values = attention.detach().to(torch.float64)
@@ -219,7 +204,7 @@ def map_statistics(logits: Tensor, grid_shape: Sequence[int]) -> tuple[Tensor, T
         >>> [t.tolist() for t in map_statistics(logits, (3, 3))]
         [[[0.6931471824645996]], [[2]]]
     """
-    gh, gw = _check_maps(logits, grid_shape, "logits")
+    gh, gw = check_maps(logits, grid_shape, "logits")
     logits = logits.detach()
     entropy = spatial_entropy(logits, (gh, gw))
     # Same foreground test and precision as the loss, so the counts describe what it sees.
