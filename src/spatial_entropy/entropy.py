@@ -16,6 +16,7 @@ from spatial_entropy.components import _check_backend, _check_connectivity, _com
 __all__ = [
     "SCHEDULES",
     "SpatialEntropyLoss",
+    "foreground_weights",
     "reference_spatial_entropy",
     "se_weight",
     "spatial_entropy",
@@ -35,6 +36,33 @@ def _map_mean(scores: torch.Tensor) -> torch.Tensor:
     """
     wide = torch.float32 if scores.device.type == "mps" else torch.float64
     return scores.mean(dim=-1, keepdim=True, dtype=wide).to(scores.dtype)
+
+
+def foreground_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground of each map and its weights: the one definition the loss and the
+    evaluation's region counts share.
+
+    For a map ``S`` (the last dimension): foreground ``S > mean(S)`` (strict; no gradient),
+    weights ``relu(S - mean(S))`` (zero off the foreground; gradients flow through ``S`` and
+    the mean). Computed in float32 for float16/bfloat16/float32 input, also under autocast,
+    and in float64 for float64 input; the mean is accumulated in float64.
+
+    Args:
+        logits: ``(..., N)`` floating-point logits, one map per row.
+
+    Returns:
+        ``(foreground, weights)``: boolean ``(..., N)`` and ``(..., N)`` float32 (float64).
+
+    Example:
+        >>> foreground, weights = foreground_weights(torch.tensor([[0.0, 1.0, 2.0]]))
+        >>> foreground.tolist(), weights.tolist()
+        ([[False, False, True]], [[0.0, 0.0, 1.0]])
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        scores = logits.to(_compute_dtype(logits.dtype))
+        centred = scores - _map_mean(scores)
+        foreground = (centred > 0).detach()
+        return foreground, torch.where(foreground, centred, torch.zeros_like(centred))
 
 
 def spatial_entropy(
@@ -90,11 +118,7 @@ def spatial_entropy(
     _check_backend(backend)
     batch, heads, n = logits.shape
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = logits.to(_compute_dtype(logits.dtype))
-        centred = scores - _map_mean(scores)
-        foreground = (centred > 0).detach()
-        weights = torch.where(foreground, centred, torch.zeros_like(centred))
-
+        foreground, weights = foreground_weights(logits)
         ids, size = _component_ids(foreground.reshape(-1, gh, gw), connectivity, backend)
         ids = ids.reshape(-1)
         flat_weights = weights.reshape(-1)
@@ -108,7 +132,7 @@ def spatial_entropy(
         usable = foreground & (share > 0)
         log_share = torch.log(torch.where(usable, share, torch.ones_like(share)))
         entropy = -((weights / safe_total) * log_share).sum(dim=-1)
-        finite = torch.isfinite(scores).all(dim=-1)
+        finite = torch.isfinite(logits).all(dim=-1)
         return torch.where(finite, entropy, torch.full_like(entropy, math.nan))
 
 

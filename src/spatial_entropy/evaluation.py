@@ -18,7 +18,7 @@ from spatial_entropy.checkpoint import atomic_write
 from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
-from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.entropy import foreground_weights, spatial_entropy
 from spatial_entropy.loader import build_eval_loader
 from spatial_entropy.runs import RunPaths, load_run
 
@@ -207,9 +207,7 @@ def map_statistics(logits: Tensor, grid_shape: Sequence[int]) -> tuple[Tensor, T
     gh, gw = check_maps(logits, grid_shape, "logits")
     logits = logits.detach()
     entropy = spatial_entropy(logits, (gh, gw))
-    # Same foreground test and precision as the loss, so the counts describe what it sees.
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    foreground = (scores - scores.mean(dim=-1, keepdim=True)) > 0
+    foreground, _ = foreground_weights(logits)  # the loss's rule: the counts are what it sees
     labels = label_components(foreground.reshape(*logits.shape[:2], gh, gw))
     return entropy, labels.flatten(-2).amax(dim=-1)
 
