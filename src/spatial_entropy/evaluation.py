@@ -17,13 +17,13 @@ from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.checkpoint import atomic_write
 from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
+from spatial_entropy.data.base import VOID
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import foreground_weights, spatial_entropy
 from spatial_entropy.loader import build_eval_loader
 from spatial_entropy.runs import RunPaths, load_run
 
 __all__ = [
-    "VOID_LABEL",
     "AttentionStatistics",
     "attention_jaccard",
     "attention_masks",
@@ -34,10 +34,6 @@ __all__ = [
     "map_statistics",
     "object_masks",
 ]
-
-VOID_LABEL = 255
-"""Class-map value of pixels that are ignored (PASCAL VOC's object boundaries and padding)."""
-
 
 def attention_masks(
     attention: Tensor,
@@ -130,11 +126,11 @@ def object_masks(mask: Tensor) -> tuple[Tensor, Tensor]:
         return objects, torch.ones_like(mask)
     if mask.dtype.is_floating_point:
         raise TypeError(f"Expected a boolean or integer mask, but got dtype {mask.dtype}")
-    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID_LABEL)]
+    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID)]
     objects = torch.stack([mask == c for c in classes]) if classes else None
     if objects is None:
         objects = torch.zeros((0, *mask.shape), dtype=torch.bool, device=mask.device)
-    return objects, mask != VOID_LABEL
+    return objects, mask != VOID
 
 
 def attention_jaccard(

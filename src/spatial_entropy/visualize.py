@@ -17,9 +17,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.data.base import open_image, open_object_mask
+from spatial_entropy.data.base import VOID, open_image, open_object_mask
 from spatial_entropy.evaluation import (
-    VOID_LABEL,
     attention_jaccard,
     attention_masks,
     object_masks,
@@ -86,7 +85,7 @@ def _object_panel(ax, mask: Tensor) -> None:
         return
     colours = colormaps["tab20"](values % 20)[..., :3]
     colours[values == 0] = 0.0
-    colours[values == VOID_LABEL] = 0.75
+    colours[values == VOID] = 0.75
     ax.imshow(colours, interpolation="nearest")
 
 
