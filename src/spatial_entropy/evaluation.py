@@ -35,6 +35,7 @@ __all__ = [
     "object_masks",
 ]
 
+
 def attention_masks(
     attention: Tensor,
     grid_shape: Sequence[int],
