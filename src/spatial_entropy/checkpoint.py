@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import random
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,10 +16,11 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from spatial_entropy.files import atomic_write
+
 __all__ = [
     "RankState",
     "TrainState",
-    "atomic_write",
     "get_rng_state",
     "set_rng_state",
     "seed_all",
@@ -33,31 +33,6 @@ __all__ = [
 ]
 
 LATEST = "latest"
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
-
-    The bytes go to a temporary file in the same directory, are fsynced, and replace ``path``
-    with ``os.replace``; the directory is fsynced so the rename itself survives a crash.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def get_rng_state(cuda: bool = True) -> dict[str, Any]:

@@ -14,12 +14,12 @@ from timm.utils import accuracy as topk_accuracy
 from torch import Tensor, nn
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.checkpoint import atomic_write
 from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
 from spatial_entropy.data.base import VOID
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import foreground_weights, spatial_entropy
+from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader
 from spatial_entropy.runs import RunPaths, load_run
 

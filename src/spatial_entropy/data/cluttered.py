@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -33,6 +33,7 @@ from PIL import Image
 from spatial_entropy.data.base import VisionDataset
 from spatial_entropy.data.fashion_mnist import CLASSES, default_cache_dir, load_fashion_mnist
 from spatial_entropy.data.registry import register_dataset
+from spatial_entropy.files import atomic_write
 
 BACKGROUNDS = (
     "astronaut",
@@ -244,21 +245,6 @@ def _draw(
     return items, draws
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            np.savez_compressed(handle, **arrays)
-        os.chmod(handle.name, 0o644)  # temporary files are private; a cache may be shared
-        os.replace(handle.name, path)  # readers see the old file or the whole new one
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def generate_cluttered(
     n: int,
     split: str = "train",
@@ -355,7 +341,10 @@ def generate_cluttered(
     arrays = {name: arrays[name] for name in ARRAY_NAMES}
     if cache:
         try:
-            _save_atomically(path, arrays)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            atomic_write(path, buffer.getvalue(), mode=0o644)  # a cache may be shared
         except OSError as exc:
             warnings.warn(f"{path}: cannot write the cache ({exc}); continuing", stacklevel=2)
     return arrays
