@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from spatial_entropy.checks import check_maps
+from spatial_entropy.choices import SCHEDULES
 from spatial_entropy.components import _check_backend, _check_connectivity, _component_ids
 
 __all__ = [
@@ -202,9 +203,6 @@ class SpatialEntropyLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"connectivity={self.connectivity}, backend={self.backend!r}"
-
-
-SCHEDULES = ("constant", "warmup_cosine")
 
 
 def se_weight(

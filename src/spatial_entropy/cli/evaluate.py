@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from spatial_entropy.choices import DEVICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="weights to evaluate: a .safetensors file or checkpoints/step_*.pt",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--attention",
         action="store_true",
