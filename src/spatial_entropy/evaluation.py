@@ -438,13 +438,6 @@ def evaluate_attention(
     )
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_run(
     run_dir: str | os.PathLike,
     split: str = "test",

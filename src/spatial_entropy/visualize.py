@@ -19,11 +19,11 @@ from torch import Tensor
 
 from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.data.base import VOID, open_image, open_object_mask
+from spatial_entropy.distributed import resolve_device
 from spatial_entropy.evaluation import (
     attention_jaccard,
     attention_masks,
     object_masks,
-    resolve_device,
 )
 from spatial_entropy.runs import RunPaths, load_run
 
