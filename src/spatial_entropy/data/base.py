@@ -144,6 +144,9 @@ class VisionDataset(Dataset):
     such as imagefolder, leave it None on the class and set it on an instance with masks)."""
     mask_fill: ClassVar[int] = 0
     """Mask value for pixels that padding adds (0 = background; VOC uses 255 = void)."""
+    keyword_options: ClassVar[tuple[str, ...]] = ()
+    """Options that ``__init__`` takes through ``**kwargs`` (its named keywords are options
+    anyway), so that `dataset_options` can list and check them."""
 
     def __init__(self, split: str, *, with_masks: bool = False, skip_bad: bool = False) -> None:
         name = type(self).__name__
