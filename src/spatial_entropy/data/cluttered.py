@@ -401,8 +401,7 @@ class ClutteredFashion(VisionDataset):
         **settings: Any,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
+        self._grey_channels(in_chans, self.grey_mean, self.grey_std)
         scene = SceneSettings(**settings)
         source_split = self.splits[split]
         self.arrays = generate_cluttered(
@@ -415,15 +414,11 @@ class ClutteredFashion(VisionDataset):
             download=download,
         )
         self.native_size = scene.canvas
-        self.in_chans = in_chans
-        self.mean, self.std = (self.grey_mean,) * in_chans, (self.grey_std,) * in_chans
         self.classes = list(CLASSES)
         self.targets = self.arrays["labels"].tolist()
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image | None]:
-        image = Image.fromarray(self.arrays["images"][index], mode="L")
-        if self.in_chans == 3:
-            image = image.convert("RGB")
+        image = self._grey_image(self.arrays["images"][index])
         mask = None
         if self.with_masks:
             mask = Image.fromarray(self.arrays["masks"][index].astype(np.uint8), mode="L")
