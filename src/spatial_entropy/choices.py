@@ -6,7 +6,7 @@ imports nothing, so the parser and the config use it without loading torch.
 
 from __future__ import annotations
 
-__all__ = ["AMP_MODES", "DEVICES", "SCHEDULES"]
+__all__ = ["AMP_MODES", "DEVICES", "SCHEDULES", "SPLITS"]
 
 SCHEDULES = ("constant", "warmup_cosine")
 """Schedules of the spatial-entropy weight λ(t), see ``entropy.se_weight``."""
@@ -16,3 +16,6 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 DEVICES = ("auto", "cpu", "cuda")
 """Where to run; ``"auto"`` is CUDA when available, see ``distributed.resolve_device``."""
+
+SPLITS = ("train", "val", "test")
+"""Dataset splits that every dataset answers to, see ``data.build_dataset``."""

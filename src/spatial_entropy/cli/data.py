@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from spatial_entropy.choices import SPLITS
 from spatial_entropy.config import parse_override
 
 PROG = "spatial-entropy data info"
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("name", metavar="NAME", help="dataset name, e.g. cluttered-fashion")
     info.add_argument("--data-path", help="folder holding the dataset's files")
-    info.add_argument("--split", default="train", choices=["train", "val", "test"])
+    info.add_argument("--split", default="train", choices=SPLITS)
     info.add_argument(
         "--set",
         dest="options",

@@ -9,12 +9,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from spatial_entropy.choices import SPLITS
 from spatial_entropy.data.base import VisionDataset
 from spatial_entropy.data.subsets import stratified_subset
 from spatial_entropy.data.transforms import build_transform
 
 _DATASETS: dict[str, type[VisionDataset]] = {}
-SPLITS = ("train", "val", "test")
 # keyword arguments every dataset class takes; the rest of its keywords are its `options`
 _COMMON = {"self", "root", "split", "with_masks", "skip_bad"}
 
