@@ -1,6 +1,6 @@
 """Benchmark 2: does the spatial-entropy regulariser help ViTs learn from little data?
 
-Implements ../shared/benchmarks.md section 2 on cluttered Fashion-MNIST: the benchmark ViT
+Implements docs/benchmarks.md section 2 on cluttered Fashion-MNIST: the benchmark ViT
 (se_vit_small_patch8_64: 64x64 input, 8x8 grid, width 128, depth 6, 4 heads) trained from scratch
 on n images per class, in three arms, over several seeds:
 

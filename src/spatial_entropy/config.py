@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from spatial_entropy.choices import AMP_MODES, DEVICES, SCHEDULES
+
 __all__ = [
     "DRLocConfig",
     "SpatialEntropyConfig",
@@ -166,9 +168,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "se.schedule": (self.se.schedule, ("constant", "warmup_cosine")),
-            "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
-            "device": (self.device, ("auto", "cpu", "cuda")),
+            "se.schedule": (self.se.schedule, SCHEDULES),
+            "amp": (self.amp, AMP_MODES),
+            "device": (self.device, DEVICES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -28,13 +28,10 @@ from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.checkpoint import (
     RankState,
     TrainState,
-    atomic_write,
-    get_rng_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     save_weights,
-    set_rng_state,
 )
 from spatial_entropy.config import TrainConfig, save_config
 from spatial_entropy.data import build_dataset
@@ -47,9 +44,11 @@ from spatial_entropy.distributed import (
     init_distributed,
 )
 from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
+from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader, build_train_loader
 from spatial_entropy.models import create_model
 from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+from spatial_entropy.rng import get_rng_state, set_rng_state
 from spatial_entropy.runs import RunPaths
 
 __all__ = [

@@ -14,15 +14,16 @@ from timm.utils import accuracy as topk_accuracy
 from torch import Tensor, nn
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.checkpoint import atomic_write
+from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
+from spatial_entropy.data.base import VOID
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
-from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.entropy import foreground_weights, spatial_entropy
+from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader
 from spatial_entropy.runs import RunPaths, data_source, labels_match_run, load_run
 
 __all__ = [
-    "VOID_LABEL",
     "AttentionStatistics",
     "attention_jaccard",
     "attention_masks",
@@ -33,25 +34,6 @@ __all__ = [
     "map_statistics",
     "object_masks",
 ]
-
-VOID_LABEL = 255
-"""Class-map value of pixels that are ignored (PASCAL VOC's object boundaries and padding)."""
-
-
-def _check_maps(maps: Tensor, grid_shape: Sequence[int], name: str) -> tuple[int, int]:
-    if not isinstance(maps, Tensor) or not maps.dtype.is_floating_point:
-        raise TypeError(f"Expected {name} to be a floating-point tensor, but got {maps!r:.80}")
-    if maps.dim() != 3:
-        raise ValueError(
-            f"Expected {name} of shape (B, heads, N), rank 3, but got shape {tuple(maps.shape)}"
-        )
-    gh, gw = (int(g) for g in grid_shape)
-    if maps.shape[-1] != gh * gw:
-        raise ValueError(
-            f"Expected N = gh * gw = {gh * gw} patches for grid {gh}x{gw}, but got "
-            f"shape {tuple(maps.shape)}"
-        )
-    return gh, gw
 
 
 def attention_masks(
@@ -83,7 +65,7 @@ def attention_masks(
         >>> attention_masks(attention, (2, 2)).int().tolist()
         [[[[1, 1], [0, 0]]]]
     """
-    gh, gw = _check_maps(attention, grid_shape, "attention")
+    gh, gw = check_maps(attention, grid_shape, "attention")
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"Expected mass in (0, 1], but got {mass}")
     values = attention.detach().to(torch.float64)
@@ -145,11 +127,11 @@ def object_masks(mask: Tensor) -> tuple[Tensor, Tensor]:
         return objects, torch.ones_like(mask)
     if mask.dtype.is_floating_point:
         raise TypeError(f"Expected a boolean or integer mask, but got dtype {mask.dtype}")
-    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID_LABEL)]
+    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID)]
     objects = torch.stack([mask == c for c in classes]) if classes else None
     if objects is None:
         objects = torch.zeros((0, *mask.shape), dtype=torch.bool, device=mask.device)
-    return objects, mask != VOID_LABEL
+    return objects, mask != VOID
 
 
 def attention_jaccard(
@@ -219,12 +201,10 @@ def map_statistics(logits: Tensor, grid_shape: Sequence[int]) -> tuple[Tensor, T
         >>> [t.tolist() for t in map_statistics(logits, (3, 3))]
         [[[0.6931471824645996]], [[2]]]
     """
-    gh, gw = _check_maps(logits, grid_shape, "logits")
+    gh, gw = check_maps(logits, grid_shape, "logits")
     logits = logits.detach()
     entropy = spatial_entropy(logits, (gh, gw))
-    # Same foreground test and precision as the loss, so the counts describe what it sees.
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    foreground = (scores - scores.mean(dim=-1, keepdim=True)) > 0
+    foreground, _ = foreground_weights(logits)  # the loss's rule: the counts are what it sees
     labels = label_components(foreground.reshape(*logits.shape[:2], gh, gw))
     return entropy, labels.flatten(-2).amax(dim=-1)
 
@@ -456,13 +436,6 @@ def evaluate_attention(
     return evaluate(
         model, loader, device, accuracy=False, attention=True, mass=mass, max_batches=max_batches
     )
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def evaluate_run(

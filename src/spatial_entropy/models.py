@@ -289,6 +289,7 @@ def create_model(
         The model, in training mode, on the CPU.
 
     Example:
+        >>> import torch
         >>> model = create_model("se_vit_small_patch8_64", num_classes=10, in_chans=1)
         >>> model(torch.randn(2, 1, 64, 64)).shape
         torch.Size([2, 10])

@@ -9,6 +9,7 @@ import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,19 +18,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.data.base import open_image, open_object_mask
+from spatial_entropy.data.base import VOID, open_image, open_object_mask
+from spatial_entropy.distributed import resolve_device
 from spatial_entropy.evaluation import (
-    VOID_LABEL,
     attention_jaccard,
     attention_masks,
     object_masks,
-    resolve_device,
 )
 from spatial_entropy.runs import RunPaths, load_run
 
 __all__ = [
     "TRAINING_PANELS",
     "attention_figure",
+    "dataset_figure",
     "denormalize",
     "read_training_log",
     "run_attention_figure",
@@ -86,7 +87,7 @@ def _object_panel(ax, mask: Tensor) -> None:
         return
     colours = colormaps["tab20"](values % 20)[..., :3]
     colours[values == 0] = 0.0
-    colours[values == VOID_LABEL] = 0.75
+    colours[values == VOID] = 0.75
     ax.imshow(colours, interpolation="nearest")
 
 
@@ -197,6 +198,43 @@ def attention_figure(
             axes[b, 0].set_ylabel(row_labels[b], fontsize=7)
     for ax, title in zip(axes[0], titles, strict=True):
         ax.set_title(title, fontsize=7)
+    return fig
+
+
+def dataset_figure(dataset: Any, count: int = 16) -> Figure:
+    """A grid of ``count`` evenly spaced items of a dataset, for a look at what it holds.
+
+    Each panel shows the un-normalised image (:func:`denormalize`), titled with its class, and
+    outlines its objects in red when the items carry masks (see ``object_masks``: for class
+    maps every class but background and void).
+
+    Args:
+        dataset: a ``VisionDataset`` (or a subset of one) with ``mean``, ``std`` and
+            ``classes``, whose items are ``(image, label)`` or ``(image, label, mask)``.
+        count: how many items to draw (fewer if the dataset is smaller).
+
+    Returns:
+        The matplotlib figure, about square.
+
+    Raises:
+        ValueError: if the dataset is empty.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty; nothing to draw")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round())
+    columns = math.ceil(math.sqrt(len(indices)))
+    rows = math.ceil(len(indices) / columns)
+    fig = Figure(figsize=(1.6 * columns, 1.8 * rows), layout="tight")
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, indices.astype(int).tolist(), strict=False):
+        image, label, *mask = dataset[index]
+        _show_image(ax, denormalize(image[None], dataset.mean, dataset.std)[0])
+        if mask:
+            _outline(ax, object_masks(mask[0])[0].any(dim=0), "red")
+        name = dataset.classes[label] if dataset.classes else str(label)
+        ax.set_title(name[:18], fontsize=7)
     return fig
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spatial_entropy.choices import DEVICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mass", type=float, default=0.6, help="attention mass the masks keep (default: 0.6)"
     )
     parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.set_defaults(func=run)
 
 

@@ -10,6 +10,8 @@ from spatial_entropy.config import parse_override
 
 PROG = "spatial-entropy evaluate"
 
+from spatial_entropy.choices import DEVICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="weights to evaluate: a .safetensors file or checkpoints/step_*.pt",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--attention",
         action="store_true",

@@ -150,6 +150,9 @@ class VisionDataset(Dataset):
     imagefolder, `has_masks` says whether a given root has them)."""
     mask_fill: ClassVar[int] = 0
     """Mask value for pixels that padding adds (0 = background; VOC uses 255 = void)."""
+    keyword_options: ClassVar[tuple[str, ...]] = ()
+    """Options that ``__init__`` takes through ``**kwargs`` (its named keywords are options
+    anyway), so that `dataset_options` can list and check them."""
 
     def __init__(self, split: str, *, with_masks: bool = False, skip_bad: bool = False) -> None:
         name = type(self).__name__
@@ -169,6 +172,19 @@ class VisionDataset(Dataset):
         self.samples: list[Any] = []
         """Per-item records of file-backed datasets (paths), aligned with ``targets``."""
         self.skipped_reasons: list[str] = []
+
+    def _grey_channels(self, in_chans: int, mean: float, std: float) -> None:
+        """For datasets of grey images: give them to the model as ``in_chans`` 1, or 3 (the
+        grey channel replicated, for RGB models), with ``mean``/``std`` repeated to match."""
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
+        self.in_chans = in_chans
+        self.mean, self.std = (mean,) * in_chans, (std,) * in_chans
+
+    def _grey_image(self, pixels: np.ndarray) -> Image.Image:
+        """A uint8 ``(H, W)`` grey array as a PIL image with ``in_chans`` channels."""
+        image = Image.fromarray(pixels, mode="L")
+        return image.convert("RGB") if self.in_chans == 3 else image
 
     @classmethod
     def has_masks(cls, root: str | os.PathLike | None, **options: Any) -> bool:

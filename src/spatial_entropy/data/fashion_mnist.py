@@ -197,10 +197,7 @@ class FashionMNIST(VisionDataset):
         download: bool = True,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
-        self.in_chans = in_chans
-        self.mean, self.std = (0.2860,) * in_chans, (0.3530,) * in_chans
+        self._grey_channels(in_chans, 0.2860, 0.3530)
         self.classes = list(CLASSES)
         folder = find_fashion_mnist(root, download=download)
         images_path, labels_path = fashion_mnist_files(folder, self.splits[split])
@@ -219,5 +216,4 @@ class FashionMNIST(VisionDataset):
         self._report_skipped()
 
     def load(self, index: int) -> tuple[Image.Image, None]:
-        image = Image.fromarray(self.images[index], mode="L")
-        return (image.convert("RGB") if self.in_chans == 3 else image), None
+        return self._grey_image(self.images[index]), None
