@@ -6,11 +6,10 @@ import argparse
 import json
 import sys
 
+from spatial_entropy.choices import DEVICES
 from spatial_entropy.config import parse_override
 
 PROG = "spatial-entropy evaluate"
-
-from spatial_entropy.choices import DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
