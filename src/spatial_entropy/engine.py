@@ -487,7 +487,8 @@ def train(
 
     ``run_dir`` receives ``config.yaml``, ``log.csv``, ``checkpoints/``, and at the end
     ``model.safetensors`` (the trained weights; ``model_ema.safetensors`` too with EMA) and
-    ``metrics.json``. With ``resume``, training continues from the latest checkpoint (mid-epoch
+    ``metrics.json``. The regularisers' trainable modules (the DRLoc head) are saved only in
+    the checkpoints. With ``resume``, training continues from the latest checkpoint (mid-epoch
     included), reproducing the uninterrupted run bit for bit. ``datasets`` replaces
     ``(train, val)`` built from the config; each needs ``num_classes`` and ``in_chans``.
 
