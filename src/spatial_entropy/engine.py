@@ -388,9 +388,9 @@ def build_training_run(
     optimizer = create_optimizer_v2(
         model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
     )
-    # The regularisers' modules train with the model's lr (lr_scale 1 under layer decay, like
-    # the classifier head); weights decay, biases do not. Added before the scheduler, which
-    # records every group's initial lr.
+    # The regularisers' modules train with the scheduled lr (their groups have no lr_scale, so
+    # under layer decay they get the classifier head's); weights decay, biases do not. Added
+    # before the scheduler, which records every group's initial lr.
     for module in modules.values():
         for group in param_groups_weight_decay(module, cfg.weight_decay):
             optimizer.add_param_group(group)
