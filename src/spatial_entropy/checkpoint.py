@@ -52,6 +52,8 @@ class RankState:
 
     rng: dict[str, Any]  # see rng.get_rng_state
     epoch_sums: dict[str, Tensor] = field(default_factory=dict)  # on the CPU
+    # Each regulariser's Regularizer.state_dict() by name (DRLoc: its sampling stream).
+    regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,9 @@ class TrainState:
     scaler: dict[str, Any] = field(default_factory=dict)
     ema: dict[str, Any] | None = None  # the EMA model's state dict, with model_ema
     ranks: list[RankState] = field(default_factory=list)  # indexed by rank
+    # The state dicts of the regularisers' trainable modules by regulariser name (the DRLoc
+    # head): training-only, so kept here and never in the model's safetensors.
+    regularizer_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and Python values, for :func:`save_checkpoint`."""
