@@ -59,12 +59,19 @@ from spatial_entropy.evaluation import evaluate_run
 RESULTS = Path(__file__).parent / "results"
 MODEL = "se_vit_small_patch8_64"
 
-# DRLoc's λ, fixed by a rule before any DRLoc result was seen: the reference λ for the ViT-like
-# models (0.1, T2T-ViT and CvT; 0.5 is Swin's) is on the reference code's loss scale, about gh / 2
-# times our mean of normalised offsets (see spatial_entropy.drloc.drloc_loss), so it is scaled
-# by gh / 2 for the benchmark's 8 x 8 grid (64 px, patch 8). Variants keep it (not rescaled).
-DRLOC_REFERENCE_WEIGHT, GRID_SIDE = 0.1, 8
-DRLOC_WEIGHT = DRLOC_REFERENCE_WEIGHT * GRID_SIDE / 2  # 0.4
+DRLOC_REFERENCE_WEIGHT = 0.1  # DRLoc's published λ for the ViT-like models (T2T-ViT, CvT)
+
+
+def drloc_weight(grid_side: int) -> float:
+    """DRLoc's λ for a ``grid_side`` x ``grid_side`` patch grid, fixed by a rule before any
+    DRLoc result was seen: the reference λ (0.1; 0.5 is Swin's) is on the reference code's loss
+    scale, about gh / 2 times our mean of normalised offsets (see
+    ``spatial_entropy.drloc.drloc_loss``), so it is scaled by gh / 2."""
+    return DRLOC_REFERENCE_WEIGHT * grid_side / 2
+
+
+# The benchmark's 8 x 8 grid (64 px, patch 8); variants keep it (not rescaled).
+DRLOC_WEIGHT = drloc_weight(8)  # 0.4
 
 # arm -> config keys that differ from the shared recipe
 ARMS: dict[str, dict] = {

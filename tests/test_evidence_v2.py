@@ -156,14 +156,15 @@ def test_record_of_another_protocol_is_refused(ev, tmp_path, monkeypatch) -> Non
         ev.load_record(path)
 
 
-def test_drloc_arms_only_with_the_config_key(ev, monkeypatch) -> None:
-    assert "drloc" not in ev.arms() or ev.drloc_available()
-    monkeypatch.setattr(ev, "config_keys", lambda: ["drloc.weight", "se.weight"])
+def test_drloc_arms_use_the_benchmark_rule_at_the_14x14_grid(ev) -> None:
+    # the reference λ 0.1 times gh / 2 (drloc_loss's scale note), gh = 14 for every arm's model
+    for name in (ev.VIT, ev.CONV_STEM, ev.CONVIT):
+        grid = create_model(name, num_classes=10, in_chans=1).patch_embed.grid_size
+        assert tuple(grid) == (ev.GRID_SIDE, ev.GRID_SIDE)
     table = ev.arms()
-    assert table["drloc"]["drloc"] == {"weight": ev.DRLOC_WEIGHT}
+    assert table["drloc"]["drloc"] == {"weight": pytest.approx(0.1 * 14 / 2)}
+    assert table["drloc"]["se"]["weight"] == 0.0
     assert table["se_drloc"]["se"]["weight"] == 0.01
-    monkeypatch.setattr(ev, "config_keys", lambda: ["se.weight"])
-    assert {"drloc", "se_drloc"}.isdisjoint(ev.arms())
 
 
 def result(n, arm, seed, top1, jaccard) -> dict:
