@@ -17,7 +17,7 @@ from spatial_entropy.attention import unwrap_model
 from spatial_entropy.config import load_config
 from spatial_entropy.engine import train
 from spatial_entropy.models import compile_model
-from spatial_entropy.regularizers import SpatialEntropyRegularizer
+from spatial_entropy.regularizers import DRLocRegularizer, SpatialEntropyRegularizer
 
 BACKEND = "aot_eager"
 
@@ -38,37 +38,39 @@ def test_unwrap_model_sees_through_compile():
     assert list(unwrap_model(compiled).state_dict()) == list(_tiny_vit().state_dict())
 
 
-def _step(model, regularizer, images, labels):
-    """Task loss, SE and the gradients: of the SE term alone on the last qkv, and of the total
-    loss on every parameter."""
+def _step(model, se_reg, drloc_reg, images, labels):
+    """The losses and gradients of one step: of the SE term alone on the last qkv, and of the
+    total loss on every parameter of the model and of DRLoc's head."""
     task = F.cross_entropy(model(images), labels)
-    se = regularizer()
+    se, drloc = se_reg(), drloc_reg()
     qkv = unwrap_model(model).blocks[-1].attn.qkv.weight
     (se_grad,) = torch.autograd.grad(se, qkv, retain_graph=True)
-    (task + se).backward()
-    grads = {name: p.grad for name, p in unwrap_model(model).named_parameters()}
-    return task.detach(), regularizer.stats()["se"], se_grad, grads
+    (task + se + drloc).backward()
+    named = [*unwrap_model(model).named_parameters(), *drloc_reg.module.named_parameters("drloc")]
+    losses = torch.stack([task, se_reg.stats()["se"], drloc]).detach()
+    return losses, se_grad, {name: p.grad for name, p in named}
 
 
 @pytest.mark.slow  # the first compile in a process: about 10 s
-def test_compiled_model_gives_the_eager_loss_and_gradients():
+def test_compiled_model_gives_the_eager_losses_and_gradients():
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 0])
     results = []
     for compiled in (False, True):
-        model, regularizer = _tiny_vit(), SpatialEntropyRegularizer(0.5, "constant")
-        regularizer.attach(model)
-        regularizer.set_progress(0.0, 1.0)
+        model = _tiny_vit()
+        se_reg, drloc_reg = SpatialEntropyRegularizer(0.5, "constant"), DRLocRegularizer(0.1, 8, 16)
+        for reg in (se_reg, drloc_reg):
+            reg.attach(model)  # DRLoc's head: same seed, same initial weights in both arms
+            reg.set_progress(0.0, 1.0)
         if compiled:  # hooks first, then compile: what the engine does
             counter = CompileCounterWithBackend(BACKEND)
             model = torch.compile(model, backend=counter)
-        results.append(_step(model, regularizer, images, labels))
-    # one graph: dynamo traced through both hooks instead of breaking at them
+        results.append(_step(model, se_reg, drloc_reg, images, labels))
+    # one graph: dynamo traced through the three hooks instead of breaking at them
     assert counter.frame_count == 1
-    (task, se, se_grad, grads), (task_c, se_c, se_grad_c, grads_c) = results
-    torch.testing.assert_close(task_c, task)
-    torch.testing.assert_close(se_c, se)
-    assert se > 0 and se_grad.abs().sum() > 0  # the SE term trains q/k
+    (losses, se_grad, grads), (losses_c, se_grad_c, grads_c) = results
+    torch.testing.assert_close(losses_c, losses)
+    assert (losses > 0).all() and se_grad.abs().sum() > 0  # the SE term trains q/k
     torch.testing.assert_close(se_grad_c, se_grad)
     assert grads_c.keys() == grads.keys()
     for name in grads:
