@@ -8,6 +8,10 @@ taken over the repeats after ``--warmup`` windows. Prints a table, writes the ra
 
 The regularisers' lambdas are the config's (``se.weight`` or 0.01, ``drloc.weight`` or 0.1),
 constant; ``drloc.pairs`` and ``drloc.hidden`` are the config's.
+
+``--compile`` adds the regularised project loop under ``torch.compile`` (``compile: true``, the
+config's ``compile_backend``); its first warm-up window holds the compilation, whose length
+the JSON keeps (``warmup_seconds`` of every arm).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps per window")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows per arm")
     parser.add_argument("--warmup", type=int, default=1, help="untimed windows per arm")
+    parser.add_argument("--compile", action="store_true", help="add a compiled arm")
     parser.add_argument("--output", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
 
@@ -108,22 +113,32 @@ def main() -> None:
     for name, sets in project_arms.items():
         arm_cfg = load_config(args.config, [*quiet, *sets])
         arms[f"project loop, {name}"] = ProjectLoop(arm_cfg, train_set, info)
+    if args.compile:
+        arm_cfg = load_config(args.config, [*quiet, *se_on, *drloc_off, "compile=true"])
+        name = f"project loop, SE (lambda={se_weight}), compiled ({arm_cfg.compile_backend})"
+        arms[name] = ProjectLoop(arm_cfg, train_set, info)
 
     rates: dict[str, list[float]] = {name: [] for name in arms}
+    warmup_seconds: dict[str, float] = dict.fromkeys(arms, 0.0)
     for repeat in range(args.warmup + args.repeats):
         for name, arm in arms.items():
+            start = time.perf_counter()
             rate = arm(args.steps)
             if repeat >= args.warmup:
                 rates[name].append(rate)
+            else:
+                warmup_seconds[name] += time.perf_counter() - start
 
     bare = statistics.median(next(iter(rates.values())))
-    rows = {name: {"median_images_per_s": statistics.median(r), "images_per_s": r}
+    rows = {name: {"median_images_per_s": statistics.median(r), "images_per_s": r,
+                   "warmup_seconds": warmup_seconds[name]}
             for name, r in rates.items()}  # fmt: skip
     for row in rows.values():
         row["ratio_to_bare"] = row["median_images_per_s"] / bare
-    print(f"\n{'arm':<50} {'images/s (median)':>18} {'vs bare':>8}")
+    print(f"\n{'arm':<62} {'images/s (median)':>18} {'vs bare':>8} {'warm-up s':>10}")
     for name, row in rows.items():
-        print(f"{name:<50} {row['median_images_per_s']:>18.1f} {row['ratio_to_bare']:>8.3f}")
+        print(f"{name:<62} {row['median_images_per_s']:>18.1f} {row['ratio_to_bare']:>8.3f} "
+              f"{row['warmup_seconds']:>10.1f}")  # fmt: skip
 
     result = {
         "config": args.config, "overrides": args.overrides, "model": cfg.model,

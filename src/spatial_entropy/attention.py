@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from timm.layers import Attention
 from timm.models.convit import MHSA
@@ -17,10 +19,23 @@ SUPPORTED_ATTENTION = (Attention, MHSA)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    """Return the module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers and the
+    wrapper that ``torch.compile(model)`` returns, in any nesting; its ``state_dict`` has the
+    plain keys (no ``module.`` or ``_orig_mod.`` prefix) and it runs eagerly."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # A compiled model exists only once torch._dynamo was imported; importing it here would
+    # cost every caller seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 class PatchGridTracker:
@@ -84,7 +99,10 @@ class AttentionCapture:
     Supported: ``timm.models.VisionTransformer`` and subclasses (DeiT, distilled DeiT, register
     tokens, ``qk_norm``, ``dynamic_img_size``) whose last block uses ``timm.layers.Attention``,
     and timm's ConViT (its last block is plain multi-head attention); models wrapped in
-    ``DistributedDataParallel``/``DataParallel``.
+    ``DistributedDataParallel``/``DataParallel``. With ``torch.compile``, attach the capture
+    first, then compile: dynamo traces the hooks into the graph and ``logits`` keeps its
+    gradient. Hooks added after the compiled model's first call do not run (dynamo does not
+    guard on hooks by default), and nothing is captured.
 
     Args:
         model: a timm Vision Transformer with a class token.

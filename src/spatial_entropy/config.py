@@ -165,6 +165,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 10  # steps between progress-bar refreshes (each one syncs the device)
+    compile: bool = False  # run the model through torch.compile (as timm's --torchcompile)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation)
 
     def __post_init__(self) -> None:
         choices = {

@@ -46,7 +46,7 @@ from spatial_entropy.distributed import (
 from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
 from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader, build_train_loader
-from spatial_entropy.models import create_model
+from spatial_entropy.models import compile_model, create_model
 from spatial_entropy.regularizers import (
     DRLocRegularizer,
     Regularizer,
@@ -97,7 +97,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class TrainingRun:
-    """What the train step works on. ``model`` is DDP-wrapped when distributed."""
+    """What the train step works on. ``model`` is DDP-wrapped when distributed, then compiled
+    with ``compile``; :func:`unwrap_model` gives the bare model (saved, evaluated, EMA)."""
 
     config: TrainConfig
     info: DistributedInfo
@@ -420,6 +421,8 @@ def build_training_run(
         for reg in regularizers:
             if reg.module is not None:
                 reg.module = DistributedDataParallel(reg.module, device_ids=device_ids)
+    if cfg.compile:  # last: after DDP (as timm) and after the hooks, which dynamo traces
+        model = compile_model(model, cfg.compile_backend)
     criterion, mixup = _criterion(cfg, num_classes)
     return TrainingRun(
         cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,

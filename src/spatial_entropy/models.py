@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import pickle
+import platform
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,6 +40,7 @@ __all__ = [
     "ConvStemEmbed",
     "NoSkipAttentionBlock",
     "check_model_name",
+    "compile_model",
     "create_model",
     "load_checkpoint_into",
     "remove_last_skip",
@@ -338,6 +341,44 @@ def check_model_name(name: str) -> None:
         else "timm.list_models('*vit*') lists the Vision Transformers"
     )
     raise ValueError(f"unknown model {name!r}; {hint}")
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, backend=backend)``, after checking that this PyTorch can compile.
+
+    Compile after wrapping in ``DistributedDataParallel`` (as timm does; dynamo then splits
+    the graph at DDP's gradient buckets) and after attaching forward hooks such as
+    :class:`~spatial_entropy.attention.AttentionCapture`: dynamo traces the hooks into the
+    graph, while hooks added after the first compiled call never run. The returned wrapper
+    shares the model's parameters; :func:`~spatial_entropy.attention.unwrap_model` returns the
+    model itself (plain ``state_dict`` keys, eager forward).
+
+    Args:
+        model: the module to compile (possibly DDP-wrapped).
+        backend: a registered ``torch.compile`` backend: ``"inductor"`` generates fused
+            kernels (C++ on CPU, Triton on GPU; the first step compiles, tens of seconds),
+            ``"aot_eager"`` traces forward and backward without generating code (for tests).
+
+    Raises:
+        RuntimeError: this PyTorch has no ``torch.compile`` on this Python or platform.
+        ValueError: ``backend`` is not a registered backend.
+    """
+    import torch._dynamo  # seconds to import: only when compiling
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise RuntimeError(
+            f"compile: true needs torch.compile, which torch {torch.__version__} does not "
+            f"support on Python {sys.version.split()[0]} ({platform.system()}); set compile: false"
+        )
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        close = difflib.get_close_matches(backend, backends, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown torch.compile backend {backend!r} (compile_backend); {hint}"
+            f"registered: {', '.join(backends)}"
+        )
+    return torch.compile(model, backend=backend)
 
 
 def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
