@@ -7,9 +7,7 @@ import json
 import sys
 
 import pytest
-import torch
 
-from spatial_entropy.attention import AttentionCapture
 from spatial_entropy.models import create_model
 
 
@@ -171,15 +169,6 @@ def result(n, arm, seed, top1, jaccard) -> dict:
     return {"n_per_class": n, "epochs": 9, "arm": arm, "seed": seed, "steps": 9, "top1": top1,
             "train_top1": 100.0, "gap": 100.0 - top1, "jaccard": jaccard, "se_mean": 0.2,
             "regions_mean": 2.0}  # fmt: skip
-
-
-def test_attention_capture_per_arm_model(ev) -> None:
-    # Jaccard, SE and regions need the [CLS] attention of every arm's model, ConViT's included.
-    for name in (ev.VIT, ev.CONV_STEM, ev.CONVIT):
-        model = create_model(name, num_classes=10, in_chans=1)
-        with AttentionCapture(model) as capture:
-            model(torch.zeros(1, 1, 56, 56))
-        assert capture.grid_shape == (14, 14) and capture.logits.shape[-1] == 196
 
 
 def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
