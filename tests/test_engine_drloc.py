@@ -36,6 +36,16 @@ def _drloc(run) -> DRLocRegularizer:
     return drloc
 
 
+def test_a_regularizer_the_model_cannot_take_names_its_off_switch():
+    # DRLoc alone needs no [CLS]; spatial entropy, on by default, does: the error says how to
+    # turn it off.
+    no_cls = VIT | {"model_kwargs": VIT["model_kwargs"] | {"class_token": False,
+                                                            "global_pool": "avg"}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"needs a \[CLS\] query.*; se.weight=0 turns se off"):
+        _run(**no_cls)
+    assert [reg.name for reg in _run(**no_cls, se={"weight": 0.0}).regularizers] == ["drloc"]
+
+
 def test_regularizers_in_a_fixed_order_with_a_sampling_seed_per_rank():
     config = load_config(overrides=["seed=3", "se.weight=0.2", "drloc.weight=0.5",
                                     "drloc.pairs=7", "drloc.hidden=9"])  # fmt: skip

@@ -383,7 +383,10 @@ def build_training_run(
     # after the model's initial weights, in fresh and resumed runs alike.
     regularizers = build_regularizers(cfg, info.rank)
     for reg in regularizers:
-        reg.attach(model)
+        try:
+            reg.attach(model)
+        except ValueError as error:  # e.g. SE (on by default) on a model without [CLS]
+            raise ValueError(f"{error}; {reg.name}.weight=0 turns {reg.name} off") from error
     modules = {reg.name: reg.module for reg in regularizers if reg.module is not None}
     optimizer = create_optimizer_v2(
         model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
