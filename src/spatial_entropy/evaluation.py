@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -14,12 +13,11 @@ from timm.utils import accuracy as topk_accuracy
 from torch import Tensor, nn
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.checkpoint import atomic_write
 from spatial_entropy.components import label_components
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import spatial_entropy
 from spatial_entropy.loader import build_eval_loader
-from spatial_entropy.runs import RunPaths, load_run
+from spatial_entropy.runs import RunPaths, load_run, write_json
 
 __all__ = [
     "VOID_LABEL",
@@ -505,5 +503,5 @@ def evaluate_run(
     if attention:
         metrics |= measured | {"mass": mass}
     if info.is_main:
-        atomic_write(paths.eval, json.dumps(metrics, indent=2).encode())
+        write_json(paths.eval, metrics)
     return metrics

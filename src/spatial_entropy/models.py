@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch import Tensor, nn
 
 from .attention import unwrap_model
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, read_file
 
 __all__ = [
     "NoSkipAttentionBlock",
@@ -228,7 +228,7 @@ def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> di
         )
     # timm's reader: safetensors or torch.load(weights_only=True); takes 'state_dict'/'model'
     # from training checkpoints and strips DDP 'module.' / torch.compile prefixes.
-    return load_state_dict(str(path), use_ema=False)
+    return read_file(path, lambda name: load_state_dict(name, use_ema=False))
 
 
 def load_checkpoint_into(
@@ -266,6 +266,7 @@ def load_checkpoint_into(
 
     Raises:
         FileNotFoundError: the path holds no checkpoint.
+        UnreadableFileError: the file is truncated or corrupt (a ValueError naming it).
         ValueError: keys or shapes do not fit; lists every missing, unexpected and mismatched
             key. The model is left untouched.
     """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
     from spatial_entropy.evaluation import evaluate_run
+    from spatial_entropy.runs import to_json
 
     try:
         metrics = evaluate_run(
@@ -46,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (OSError, ValueError) as exc:
         raise SystemExit(f"spatial-entropy evaluate: {exc}") from exc
-    print(json.dumps(metrics, indent=2))
+    print(to_json(metrics))
     return 0
