@@ -219,6 +219,28 @@ def test_a_longer_epochs_makes_the_schedule_follow_the_longer_run(tmp_path):
     assert float(rows[2]["se_weight"]) == pytest.approx(0.05 * (1 + math.cos(math.pi * 2.5 / 4)))
 
 
+def test_a_run_killed_before_its_final_files_ends_on_resume_with_its_log_kept(tmp_path):
+    data = (_data(), _data())
+    expected = train(_config(max_steps=3), tmp_path, datasets=data)  # stops mid-epoch 1
+    log = (tmp_path / "log.csv").read_bytes()
+    for name in ("model.safetensors", "metrics.json"):  # as if killed before writing them
+        (tmp_path / name).unlink()
+    metrics = train(_config(max_steps=3), tmp_path, resume=True, datasets=data)
+    assert (tmp_path / "log.csv").read_bytes() == log
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    for key in ("top1", "loss", "steps", "train_loss", "train_se", "images_per_s"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_a_resume_never_shortens_a_run(tmp_path):
+    data = (_data(), _data())
+    train(_config(max_steps=3), tmp_path, datasets=data)
+    before = _hashes(tmp_path)
+    with pytest.raises(ValueError, match="at step 3, beyond the 2 steps .* not shortened"):
+        train(_config(max_steps=2), tmp_path, resume=True, datasets=data)
+    assert _hashes(tmp_path) == before
+
+
 def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_unreadable(
     tmp_path, capsys
 ):
