@@ -63,10 +63,19 @@ def read_file(path: str | os.PathLike, reader: Callable[[str], Any]) -> Any:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if not isinstance(exc, pickle.UnpicklingError):  # that one is a refusal, said in reason
-            reason = f"truncated or corrupt? {reason}"
-        raise UnreadableFileError(f"cannot read {path}: {reason}") from exc
+        raise UnreadableFileError(f"cannot read {path}: {_read_failure(exc)}") from exc
+
+
+def _read_failure(exc: BaseException) -> str:
+    """Why a file did not load, in one line."""
+    refused = exc if isinstance(exc, pickle.UnpicklingError) else exc.__cause__
+    if isinstance(refused, pickle.UnpicklingError):  # timm wraps it in a RuntimeError
+        # torch's message surrounds the reason with advice to load the file unsafely (which
+        # would run its code): keep only the reason.
+        detail = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(refused))
+        reason = "it holds objects besides tensors and plain values, which a safe load refuses"
+        return f"{reason} ({detail[1]})" if detail else reason
+    return "truncated or corrupt? " + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
