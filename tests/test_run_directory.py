@@ -157,6 +157,7 @@ def test_overwrite_validates_first_then_replaces_the_whole_run(finished, tiny, c
     run, before = finished
     (run / "eval.json").write_text("{}")  # a file of the old run that training never writes
     (run / "notes.txt").write_text("mine")  # not a file of the run
+    (run / "checkpoints" / ".step_00000004.pt.abcd1234.tmp").write_bytes(b"")  # killed save
     before = _hashes(run)
     # A start that fails validation (unknown dataset) writes nothing, even with --overwrite.
     argv = ["train", "--output", str(run), "--overwrite", *_sets([*tiny, "dataset=nope"])]

@@ -95,7 +95,7 @@ class RunPaths:
     def remove_run(self) -> None:
         """Delete the run's files (:meth:`run_files` and stale temporary files); other files
         in ``root`` stay."""
-        for path in [*self.run_files(), *self.stale_temporaries()]:
+        for path in [*self.stale_temporaries(), *self.run_files()]:  # files in folders first
             if path.is_dir():
                 shutil.rmtree(path)
             else:
