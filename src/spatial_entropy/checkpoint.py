@@ -75,7 +75,9 @@ def _read_failure(exc: BaseException) -> str:
         detail = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(refused))
         reason = "it holds objects besides tensors and plain values, which a safe load refuses"
         return f"{reason} ({detail[1]})" if detail else reason
-    return "truncated or corrupt? " + (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    # The first sentence: torch's next ones guess at causes, as "truncated or corrupt?" does.
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+    return f"truncated or corrupt? {first}"
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
