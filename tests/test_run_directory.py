@@ -15,10 +15,16 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from spatial_entropy.checkpoint import UnreadableFileError, load_checkpoint, save_weights
+from spatial_entropy.checkpoint import (
+    TrainState,
+    UnreadableFileError,
+    load_checkpoint,
+    save_weights,
+)
 from spatial_entropy.cli import main
 from spatial_entropy.config import RESUMABLE_KEYS, load_config, save_config
-from spatial_entropy.engine import train
+from spatial_entropy.distributed import DistributedInfo
+from spatial_entropy.engine import build_training_run, train
 from spatial_entropy.evaluation import evaluate_run
 from spatial_entropy.models import create_model, load_checkpoint_into
 from spatial_entropy.runs import load_run, to_json
@@ -254,6 +260,17 @@ def test_a_resume_never_shortens_a_run(tmp_path):
     with pytest.raises(ValueError, match="at step 3, beyond the 2 steps .* not shortened"):
         train(_config(max_steps=2), tmp_path, resume=True, datasets=data)
     assert _hashes(tmp_path) == before
+
+
+def test_a_checkpoint_saved_without_a_gradient_scaler_resumes_under_fp16(tmp_path):
+    # A run resumed on another device (a resumable key) may get fp16 where it had none
+    # (`amp: auto`: off on a CPU, fp16 on a GPU without bf16): its scaler starts afresh.
+    train(_config(max_steps=1, amp="off"), tmp_path, datasets=(_data(), _data()))
+    weights, saved = load_checkpoint(tmp_path / "checkpoints" / "step_00000001")
+    state = TrainState.from_dict(saved)
+    assert state.scaler == {}
+    run = build_training_run(_config(amp="fp16"), DistributedInfo(), 3, 1, 2, (weights, state))
+    assert run.scaler.is_enabled() and run.scaler.get_scale() == 2.0**16 and run.step == 1
 
 
 def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_unreadable(

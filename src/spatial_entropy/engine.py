@@ -348,7 +348,8 @@ def build_training_run(
         # The schedule is a function of the config and the step (not restored): the same
         # learning rate as saved, or the one of a longer run when `epochs` was raised.
         scheduler.step_update(state.step)
-        scaler.load_state_dict(state.scaler)
+        if state.scaler:  # empty when saved without fp16 (`device` may change on resume)
+            scaler.load_state_dict(state.scaler)
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
