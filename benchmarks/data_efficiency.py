@@ -1,13 +1,16 @@
-"""Benchmark 2: does the spatial-entropy regulariser help ViTs learn from little data?
+"""Benchmark 2: do locality regularisers (spatial entropy, DRLoc) help ViTs learn from little data?
 
-Implements ../shared/benchmarks.md section 2 on cluttered Fashion-MNIST: the benchmark ViT
+Implements docs/benchmarks.md section 2 on cluttered Fashion-MNIST: the benchmark ViT
 (se_vit_small_patch8_64: 64x64 input, 8x8 grid, width 128, depth 6, 4 heads) trained from scratch
-on n images per class, in three arms, over several seeds:
+on n images per class, in these arms (the first three by default), over several seeds:
 
 - ``baseline``: cross-entropy only;
 - ``se``: + spatial entropy, published weight and schedule (λ = 0.01, 10-epoch linear warm-up,
   cosine decay to 0);
-- ``se_no_last_skip``: the same, with the published "no last skip" last block.
+- ``se_no_last_skip``: the same, with the published "no last skip" last block;
+- ``drloc``: + dense relative localisation (Liu et al. 2021) instead of spatial entropy, constant
+  λ = :data:`DRLOC_WEIGHT` (see there for how it was chosen);
+- ``se_drloc``: ``se`` and ``drloc`` together.
 
 Every arm of one training-set size runs the same number of optimisation steps with the same
 recipe; seed k gives every arm the same training subset, initial weights and data order. On the
@@ -25,6 +28,7 @@ back, interrupted ones continue from their latest checkpoint (epoch ends).
     python benchmarks/data_efficiency.py --jobs 2 --threads 1    # the full benchmark, 2 cores
     python benchmarks/data_efficiency.py --lambda-study          # + the λ study
     python benchmarks/data_efficiency.py --sizes 50 100 --seeds 5 --arms baseline se
+    python benchmarks/data_efficiency.py --arms baseline se drloc se_drloc   # + DRLoc
     python benchmarks/data_efficiency.py --report benchmarks/results/data_efficiency.json
 
 Investigation variants (``--epochs-scale``, ``--img-size``, ``--distractors``) change the recipe
@@ -40,6 +44,7 @@ import multiprocessing
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +59,20 @@ from spatial_entropy.evaluation import evaluate_run
 RESULTS = Path(__file__).parent / "results"
 MODEL = "se_vit_small_patch8_64"
 
+DRLOC_REFERENCE_WEIGHT = 0.1  # DRLoc's published λ for the ViT-like models (T2T-ViT, CvT)
+
+
+def drloc_weight(grid_side: int) -> float:
+    """DRLoc's λ for a ``grid_side`` x ``grid_side`` patch grid, fixed by a rule before any
+    DRLoc result was seen: the reference λ (0.1; 0.5 is Swin's) is on the reference code's loss
+    scale, about gh / 2 times our mean of normalised offsets (see
+    ``spatial_entropy.drloc.drloc_loss``), so it is scaled by gh / 2."""
+    return DRLOC_REFERENCE_WEIGHT * grid_side / 2
+
+
+# The benchmark's 8 x 8 grid (64 px, patch 8); variants keep it (not rescaled).
+DRLOC_WEIGHT = drloc_weight(8)  # 0.4
+
 # arm -> config keys that differ from the shared recipe
 ARMS: dict[str, dict] = {
     "baseline": {"se": {"weight": 0.0}},
@@ -63,6 +82,8 @@ ARMS: dict[str, dict] = {
         "no_last_skip": True,
     },
 }
+ARMS["drloc"] = {"se": {"weight": 0.0}, "drloc": {"weight": DRLOC_WEIGHT}}
+ARMS["se_drloc"] = {"se": ARMS["se"]["se"], "drloc": {"weight": DRLOC_WEIGHT}}
 LAMBDAS = (0.001, 0.01, 0.1, 1.0)
 for _weight in LAMBDAS:
     ARMS[f"se_const_{_weight:g}"] = {"se": {"weight": _weight, "schedule": "constant"}}
@@ -281,6 +302,23 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def seed_lines(ax, results: list[dict], arms: list[str], key: str, label: str) -> None:
+    """One size's runs on ``ax``: ``key`` per arm (x), one grey line per seed (the pairing the
+    paired differences use) and the mean over seeds; runs without ``key`` (None) are left out."""
+    by_seed = {(r["arm"], r["seed"]): r[key] for r in results if r.get(key) is not None}
+    for seed in sorted({r["seed"] for r in results}):
+        xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
+        ys = [by_seed[(arms[i], seed)] for i in xs]
+        ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
+    means = [(i, mean_std(v)[0]) for i, arm in enumerate(arms)
+             if (v := [value for (a, _), value in by_seed.items() if a == arm])]  # fmt: skip
+    ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9,
+            label="mean over seeds")  # fmt: skip
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
 def plot(results: list[dict], path: Path, title: str = "") -> None:
     """Top-1 and Jaccard against n per arm; with a single size, every seed against the arms
     instead (one line per seed: the pairing the paired differences use)."""
@@ -295,22 +333,13 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
     panels = ((axes[0], "top1", "test top-1 (%)"), (axes[1], "jaccard", "Jaccard"))
     if len(sizes) == 1:
         arms = [arm for arm in ARMS if (sizes[0], arm) in groups]
-        seeds = sorted({r["seed"] for r in results})
         for ax, key, label in panels:
-            by_seed = {(r["arm"], r["seed"]): r[key] for r in results}
-            for seed in seeds:
-                xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
-                ys = [by_seed[(arms[i], seed)] for i in xs]
-                ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
-            means = [mean_std([r[key] for r in groups[(sizes[0], arm)]])[0] for arm in arms]
-            ax.plot(range(len(arms)), means, "o", color="C3", ms=9, label="mean over seeds")
-            ax.set_xticks(range(len(arms)), arms, rotation=20)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+            seed_lines(ax, results, arms, key, label)
         axes[0].legend()
         fig.suptitle(f"cluttered-fashion, {MODEL}{title}, n = {sizes[0]}/class: one line per seed")
     else:
-        arms = [a for a in ("baseline", "se", "se_no_last_skip") if any(k[1] == a for k in groups)]
+        arms = [a for a in ("baseline", "se", "se_no_last_skip", "drloc", "se_drloc")
+                if any(k[1] == a for k in groups)]  # fmt: skip
         for ax, key, label in panels:
             for arm in arms:
                 ns = sorted(n for n, a in groups if a == arm)
@@ -382,13 +411,27 @@ def execute(
     jobs: int,
     threads: int | None,
     time_budget_s: float | None,
+    run_fn: Callable[..., dict] | None = None,
+    order: Callable[[tuple[Size, str, int]], tuple] | None = None,
+    on_result: Callable[[tuple[Size, str, int], dict], None] | None = None,
 ) -> int:
     """Run (or read back) every run, ``jobs`` at a time in worker processes; start none after
-    ``time_budget_s``. Returns how many runs were left unstarted."""
+    ``time_budget_s``. Returns how many runs were left unstarted.
+
+    ``run_fn(size, arm, seed, work_dir, variant, device)`` (default `run_one`; a module-level
+    function, for the worker processes) does one run; ``order`` sorts the runs (default: size,
+    then seed, then the arms' order in ARMS); ``on_result(run, result)`` is called in this
+    process as each run finishes (e.g. to record it)."""
     start = time.perf_counter()
-    # seed-major order: stopping early (time budget) leaves every arm with about as many seeds
-    order = {arm: i for i, arm in enumerate(ARMS)}
-    queue = sorted(runs, key=lambda r: (r[0].n_per_class, r[2], order[r[1]]))
+    run_fn = run_fn or run_one
+    if order is None:
+        # seed-major: stopping early (time budget) leaves every arm with about as many seeds
+        arm_rank = {arm: i for i, arm in enumerate(ARMS)}
+
+        def order(run: tuple[Size, str, int]) -> tuple:
+            return run[0].n_per_class, run[2], arm_rank[run[1]]
+
+    queue = sorted(runs, key=order)
     total = len(queue)
     done = 0
 
@@ -396,9 +439,16 @@ def execute(
         nonlocal done
         done += 1
         size, arm, seed = run
-        print(f"[{done}/{total}] n={size.n_per_class} {arm} seed {seed}: top-1 "
-              f"{result['top1']:.1f}, Jaccard {result['jaccard']:.3f}, SE {result['se_mean']:.3f} "
-              f"({seconds:.0f} s)", flush=True)  # fmt: skip
+        # a model without a [CLS] attention capture (ConViT) has no attention statistics
+        jaccard, se = (f"{v:.3f}" if v is not None else "n/a"
+                       for v in (result.get("jaccard"), result.get("se_mean")))  # fmt: skip
+        print(
+            f"[{done}/{total}] n={size.n_per_class} {arm} seed {seed}: top-1 "
+            f"{result['top1']:.1f}, Jaccard {jaccard}, SE {se} ({seconds:.0f} s)",
+            flush=True,
+        )
+        if on_result is not None:
+            on_result(run, result)
 
     def time_left() -> bool:
         return time_budget_s is None or time.perf_counter() - start < time_budget_s
@@ -406,7 +456,7 @@ def execute(
     if jobs <= 1:
         while queue and time_left():
             run, t0 = queue.pop(0), time.perf_counter()
-            report(run, run_one(*run, work_dir, variant, device), time.perf_counter() - t0)
+            report(run, run_fn(*run, work_dir, variant, device), time.perf_counter() - t0)
         return len(queue)
     warm_cache(variant)
     context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
@@ -416,7 +466,7 @@ def execute(
         while queue or running:
             while queue and len(running) < jobs and time_left():
                 run = queue.pop(0)
-                future = pool.submit(run_one, *run, work_dir, variant, device)
+                future = pool.submit(run_fn, *run, work_dir, variant, device)
                 running[future] = (run, time.perf_counter())
             if not running:
                 break
@@ -433,7 +483,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="subset of the sizes (n per class)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds of every size")
     parser.add_argument("--arms", nargs="+", default=["baseline", "se", "se_no_last_skip"],
-                        choices=list(ARMS))  # fmt: skip
+                        choices=list(ARMS), metavar="ARM",
+                        help="arms to run (default: baseline se se_no_last_skip; DRLoc: drloc "
+                        f"se_drloc; λ study: se_const_*); one of {', '.join(ARMS)}")  # fmt: skip
     parser.add_argument("--lambda-study", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)

@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh checks          # CUDA tests, loss speed, AMP/NCCL training smoke
 #   bash benchmarks/gpu_session.sh levers MINUTES  # issue 7's investigation variants on the GPU
+#   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py)
 #
 # `checks` writes the GPU loss table to $OUT/loss_speed_cuda.json: every labeller with its host
 # syncs per call, the CUDA-graph capture of the loss, and one training step (bf16, batch 128 or
@@ -79,8 +80,25 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
 print(len(runs), "finished runs")
 PY
     ;;
+evidence)
+    # The second benchmark protocol, continuing the committed record: runs recorded there are
+    # skipped; every run finished here is written to $OUT/evidence_v2.json at once, so a cut-off
+    # session still leaves a consistent, paired record (seed order). Commits nothing: copy
+    # $OUT/evidence_v2.json to benchmarks/results/ and commit it to continue in a later session.
+    minutes=${2:-10}
+    results="$OUT/evidence_v2.json"
+    [ -f "$results" ] || cp benchmarks/results/evidence_v2.json "$results" 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/evidence_gpu.txt" 2>&1
+    # 12 runs side by side (16 cores: each run loads its data on its own core); no run starts
+    # in the last 3 minutes (a late run could not finish and is not recorded).
+    timeout $((minutes * 60 - 15)) $py benchmarks/evidence_v2.py --device cuda --jobs 12 \
+        --threads 1 --time-budget $((minutes > 4 ? minutes - 3 : 1)) --results "$results" \
+        --work-dir runs/evidence_v2_cuda 2>&1 | strip > "$OUT/evidence.log"
+    $py benchmarks/evidence_v2.py --report "$results" > /dev/null 2>&1
+    tail -40 "$OUT/evidence.log"
+    ;;
 *)
-    echo "usage: $0 checks | levers MINUTES" >&2
+    echo "usage: $0 checks | levers MINUTES | evidence MINUTES" >&2
     exit 2
     ;;
 esac

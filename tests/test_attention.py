@@ -237,3 +237,31 @@ def test_distributed_data_parallel_model(tmp_path) -> None:
         assert model.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_convit_last_block_logits_match_explicit_computation() -> None:
+    # ConViT's last blocks are plain multi-head attention (timm's MHSA, not Attention).
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "convit_tiny", pretrained=False, depth=3, local_up_to_layer=1, img_size=32, num_classes=5
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    images = torch.randn(2, 3, 32, 32)
+    seen = []
+    block = model.blocks[-1]
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with AttentionCapture(model) as capture:
+        model(images)
+    handle.remove()
+    x = block.norm1(seen[0])
+    dim, heads = x.shape[-1], block.attn.num_heads
+    head_dim = dim // heads
+    weight = block.attn.qkv.weight  # ConViT's qkv has no bias
+    q = (x @ weight[:dim].T).reshape(*x.shape[:2], heads, head_dim)
+    k = (x @ weight[dim : 2 * dim].T).reshape(*x.shape[:2], heads, head_dim)
+    expected = torch.einsum("bhd,bjhd->bhj", q[:, 0], k) / head_dim**0.5
+    assert capture.grid_shape == (2, 2)
+    assert capture.logits.shape == (2, heads, 4)
+    torch.testing.assert_close(capture.logits, expected[..., 1:], atol=1e-5, rtol=1e-5)

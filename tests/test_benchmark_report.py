@@ -109,3 +109,18 @@ def test_lambda_picture_only_with_constant_arms(bench, tmp_path) -> None:
     runs += [result(50, f"se_const_{w:g}", s, 29.0) for w in bench.LAMBDAS for s in range(2)]
     assert bench.plot_lambda(runs, tmp_path / "lambda.png") is True
     assert (tmp_path / "lambda.png").stat().st_size > 0
+
+
+def test_drloc_arms_are_valid_configs_scaled_to_the_benchmark_grid(bench) -> None:
+    from spatial_entropy.config import load_config
+    from spatial_entropy.engine import build_regularizers
+    from spatial_entropy.models import create_model
+
+    # λ = reference 0.1 x gh / 2 (drloc_loss's scale note), gh the benchmark model's grid side
+    grid = create_model(bench.MODEL, num_classes=10, in_chans=1).patch_embed.grid_size
+    assert bench.DRLOC_WEIGHT == pytest.approx(0.1 * grid[0] / 2) and grid[0] == grid[1]
+    recipe = bench.recipe(bench.Size(50, 50, 5), 0)
+    names = {arm: [r.name for r in build_regularizers(load_config(values=recipe | bench.ARMS[arm]))]
+             for arm in ("baseline", "se", "drloc", "se_drloc")}  # fmt: skip
+    assert names == {"baseline": [], "se": ["se"], "drloc": ["drloc"], "se_drloc": ["se", "drloc"]}
+    assert bench.ARMS["se_drloc"]["se"] == bench.ARMS["se"]["se"]

@@ -142,6 +142,9 @@ def test_train_state_round_trips_through_a_checkpoint(tmp_path):
 def test_train_state_defaults_missing_keys_and_refuses_unknown_ones():
     # A checkpoint written before a field existed loads with the field's default.
     assert TrainState.from_dict({"epoch": 1, "step": 5}) == TrainState(epoch=1, step=5)
+    # ... such as one from before regularisers had modules and per-rank states (DRLoc)
+    old = TrainState.from_dict({"step": 5, "ranks": [{"rng": {}, "epoch_sums": {}}]})
+    assert old.regularizer_modules == {} and old.ranks[0].regularizers == {}
     with pytest.raises(ValueError, match=r"unknown keys \['rng_of_the_future'\]"):
         TrainState.from_dict({"rng_of_the_future": 1})
     with pytest.raises(ValueError, match="RankState"):

@@ -1,6 +1,7 @@
 """`spatial-entropy attention`, `plot` and `evaluate --attention` on tiny run directories."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,9 +89,21 @@ def test_attention_on_a_folder_of_images(runs, tmp_path):
     )
 
 
-def test_attention_reports_a_missing_run(tmp_path):
-    with pytest.raises(SystemExit, match="spatial-entropy attention: .*config.yaml"):
-        main(["attention", str(tmp_path), "--out", str(tmp_path / "x.png")])
+def test_attention_on_a_folder_keeps_to_count(runs, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "two.png"
+    argv = ["attention", str(runs["se"]), "--images", str(folder), "--count", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert png_size(out)[1] == round((2 * PANEL_INCHES + 0.4) * 100)  # two rows, not four
+
+
+def test_attention_reports_a_missing_run(tmp_path, capsys):
+    assert main(["attention", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
+    assert re.fullmatch(r"spatial-entropy attention: .*config.yaml.*\n", capsys.readouterr().err)
 
 
 def test_evaluate_with_attention_writes_the_statistics(runs, capsys):
@@ -126,7 +139,7 @@ def test_plot_training_curves(runs, tmp_path, capsys):
     assert main(["plot", str(runs["baseline"]), str(runs["se"]), "--out", str(out)]) == 0
     assert out.is_file() and "train_se" not in capsys.readouterr().err
 
-    with pytest.raises(SystemExit, match="--out"):
-        main(["plot", str(runs["baseline"]), str(runs["se"])])
-    with pytest.raises(SystemExit, match="log.csv: not found"):
-        main(["plot", str(tmp_path)])
+    assert main(["plot", str(runs["baseline"]), str(runs["se"])]) == 1
+    assert "--out" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 1
+    assert "log.csv: not found" in capsys.readouterr().err

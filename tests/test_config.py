@@ -70,11 +70,71 @@ def test_unknown_key_lists_valid_keys():
         ("batch_size=0", "'batch_size' must be >= 1"),
         ("se.weight=-1", "'se.weight' must be >= 0"),
         ("nokey", "expects key=value"),
+        ("model_kwargs={depth: [1", r"--set 'model_kwargs=\{depth: \[1': invalid YAML value"),
     ],
 )
 def test_bad_values_are_named(item, message):
     with pytest.raises(ValueError, match=message):
         load_config(overrides=[item])
+
+
+@pytest.mark.parametrize(
+    "items, key",
+    [
+        (["lr=-1e-3"], "lr"),
+        (["lr=.inf"], "lr"),
+        (["lr=.nan"], "lr"),
+        (["weight_decay=-0.05"], "weight_decay"),
+        (["min_lr=-1"], "min_lr"),
+        (["warmup_lr=.nan"], "warmup_lr"),
+        (["checkpoint_every=-1"], "checkpoint_every"),
+        (["warmup_epochs=-2"], "warmup_epochs"),
+        (["se.warmup_epochs=-1"], "se.warmup_epochs"),
+        (["se.warmup_epochs=.inf"], "se.warmup_epochs"),
+        (["se.weight=.inf"], "se.weight"),
+        (["se.weight=.nan"], "se.weight"),
+        (["n_per_class=0"], "n_per_class"),
+        (["n_per_class=-5"], "n_per_class"),
+        (["fraction=0"], "fraction"),
+        (["fraction=1.5"], "fraction"),
+        (["fraction=-0.1"], "fraction"),
+        (["fraction=.nan"], "fraction"),
+        (["val_fraction=2"], "val_fraction"),
+        (["n_per_class=10", "fraction=0.5"], "fraction"),
+        (["img_size=0"], "img_size"),
+        (["num_workers=-1"], "num_workers"),
+        (["drop_path=1"], "drop_path"),
+        (["drop_path=-0.1"], "drop_path"),
+        (["smoothing=1"], "smoothing"),
+        (["reprob=1.5"], "reprob"),
+        (["mixup=-1"], "mixup"),
+        (["cutmix=-1"], "cutmix"),
+        (["mixup_prob=2"], "mixup_prob"),
+        (["mixup_switch_prob=-1"], "mixup_switch_prob"),
+        (["clip_grad=0"], "clip_grad"),
+        (["clip_grad=-1"], "clip_grad"),
+        (["layer_decay=0"], "layer_decay"),
+        (["layer_decay=1.5"], "layer_decay"),
+        (["model_ema_decay=1.5"], "model_ema_decay"),
+        (["keep_checkpoints=0"], "keep_checkpoints"),
+        (["max_steps=0"], "max_steps"),
+    ],
+)
+def test_out_of_range_values_are_one_line_naming_the_key(items, key):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides=items)
+    message = str(err.value)
+    assert f"config key {key!r}" in message and "\n" not in message
+
+
+def test_range_limits_themselves_are_accepted():
+    items = ["fraction=1", "val_fraction=1", "checkpoint_every=0", "warmup_epochs=0"]
+    items += ["se.warmup_epochs=0", "se.weight=0", "drop_path=0", "smoothing=0", "reprob=1"]
+    items += ["mixup=0", "cutmix=0", "layer_decay=1", "model_ema_decay=1", "num_workers=0"]
+    items += ["weight_decay=0", "min_lr=0", "warmup_lr=0", "lr=0"]
+    config = load_config(overrides=items)
+    assert config.fraction == 1.0 and config.checkpoint_every == 0
+    assert load_config(overrides=["n_per_class=1"]).n_per_class == 1
 
 
 def test_saved_config_loads_back_equal(tmp_path):

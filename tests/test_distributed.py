@@ -1,5 +1,5 @@
 """torchrun DDP on CPU (gloo, 2 processes) takes the same steps as one process with the same
-global batch and data order."""
+global batch and data order, both regularisers on (DRLoc's head is synchronised too)."""
 
 import json
 import os
@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spatial_entropy.checkpoint import save_weights
+from spatial_entropy.checkpoint import latest_checkpoint, load_checkpoint, save_weights
 from spatial_entropy.config import load_config, save_config
+from spatial_entropy.drloc import DRLocHead
 from spatial_entropy.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -41,12 +42,42 @@ TINY = [
     "model_ema_decay=0.5",
     "se.weight=0.1",
     "se.schedule=constant",
+    "drloc.weight=1",
+    "drloc.pairs=6",
+    "drloc.hidden=16",
 ]
+
+# DRLoc's ranks draw their own pairs (seeds per rank), so the two set-ups would sample
+# different pairs. This entry point gives every image of a step the same pairs, drawn from the
+# step's count: the mean over each rank's half, averaged by DDP, is then the mean over the
+# doubled batch.
+SAME_PAIRS_MAIN = """
+import sys
+import torch
+import spatial_entropy.regularizers as regularizers
+from spatial_entropy.cli import main
+
+calls = 0
+
+
+def same_pairs_for_every_image(batch, grid_shape, pairs, generator=None, device=None):
+    global calls
+    calls += 1
+    draw = torch.Generator().manual_seed(calls)
+    shared = torch.randint(grid_shape[0] * grid_shape[1], (pairs, 2), generator=draw)
+    return shared.expand(batch, pairs, 2).to(generator.device)
+
+
+regularizers.sample_position_pairs = same_pairs_for_every_image
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _train(launcher: list[str], run_dir, batch_size: int) -> None:
     sets = [arg for item in [*TINY, f"batch_size={batch_size}"] for arg in ("--set", item)]
-    command = [*launcher, "-m", "spatial_entropy", "train", "--output", str(run_dir), *sets]
+    entry = run_dir.parent / "same_pairs_main.py"
+    entry.write_text(SAME_PAIRS_MAIN)
+    command = [*launcher, str(entry), "train", "--output", str(run_dir), *sets]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,16 +88,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     _train(torchrun, tmp_path / "ddp", batch_size=4)
     _train([sys.executable], tmp_path / "single", batch_size=8)
 
-    torch.manual_seed(0)  # the engine's initial weights: create_model under the run's seed
+    torch.manual_seed(0)  # the engine's initial weights: create_model under the run's seed,
     initial = create_model(
         "se_vit_tiny_patch4_32", num_classes=10, img_size=16, in_chans=1,
         depth=2, embed_dim=32, num_heads=2,
     ).state_dict()  # fmt: skip
-    moved = max(
-        (initial[k] - v).abs().max().item()
-        for k, v in load_file(tmp_path / "single" / "model.safetensors").items()
-    )
-    assert moved > 1e-2, "the steps barely moved the weights; the comparison would be vacuous"
+    initial_head = DRLocHead(32, hidden=16).state_dict()  # then the DRLoc head
+    heads = {
+        name: load_checkpoint(latest_checkpoint(tmp_path / name / "checkpoints"))[1][
+            "regularizer_modules"
+        ]["drloc"]
+        for name in ("ddp", "single")
+    }
+    final = load_file(tmp_path / "single" / "model.safetensors")
+    for start, end in ((initial, final), (initial_head, heads["single"])):
+        moved = max((start[k] - v).abs().max().item() for k, v in end.items())
+        assert moved > 1e-2, "the steps barely moved the weights; the comparison would be vacuous"
+    for key in heads["single"]:
+        torch.testing.assert_close(heads["ddp"][key], heads["single"][key], rtol=0, atol=1e-5)
 
     for name in ("model.safetensors", "model_ema.safetensors"):
         ddp, single = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "single" / name)
@@ -79,7 +118,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert ddp_metrics["steps"] == single_metrics["steps"] == 4
     assert ddp_metrics["images"] == single_metrics["images"] == 100  # each image counted once
     # the attention statistics of the shards are summed, not averaged over ranks
-    for key in ("loss", "train_loss", "train_se", "se_mean", "regions_mean"):
+    for key in ("loss", "train_loss", "train_se", "train_drloc", "se_mean", "regions_mean"):
         assert ddp_metrics[key] == pytest.approx(single_metrics[key], rel=1e-4), key
     # only rank 0 writes: one checkpoint directory, one log
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(

@@ -177,6 +177,15 @@ class TestStatistics:
         expected = [math.log(2), 0.0, 0.0, 0.0, -(p * p.log()).sum().item()]
         assert entropy[0].tolist() == pytest.approx(expected, abs=1e-6)
 
+    def test_regions_near_the_float32_limit_are_the_losss_regions(self):
+        # A float32 sum of these logits overflows, so a float32 mean is inf and the map has no
+        # foreground; the loss accumulates the mean in float64 (mean 1.5e38) and sees three
+        # touching patches: one region. The counts must describe what the loss sees.
+        logits = torch.tensor([[[3e38, 3e38, 3e38, -3e38]]])
+        entropy, regions = map_statistics(logits, (2, 2))
+        assert regions.tolist() == [[1]]
+        assert entropy.tolist() == [[0.0]]
+
     def test_accumulated_statistics(self):
         stats = AttentionStatistics()
         # (B=2, heads=2): regions [[1, 2], [0, 1]].

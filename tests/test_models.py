@@ -75,6 +75,47 @@ def test_presets_are_registered_with_timm() -> None:
     )
 
 
+def test_14x14_presets_match_the_benchmark_vit_within_ten_percent() -> None:
+    """The second benchmark's arms: same width, depth, heads and 14x14 grid, parameter counts
+    within 10 % of the ViT (grey input, 10 classes, as on cluttered-fashion)."""
+    vit, convit, stem = (
+        create_model(name, num_classes=10, in_chans=1)
+        for name in (
+            "se_vit_small_patch4_56",
+            "se_convit_small_patch4_56",
+            "se_vit_convstem_small_56",
+        )
+    )
+    reference = vit_parameter_count(img=56, patch=4, in_chans=1, dim=128, depth=6, classes=10)
+    assert n_params(vit) == reference
+    # conv stem by hand: 3x3 1->32 (no bias) + BN, 3x3 32->64 (no bias) + BN, 1x1 64->128 + bias,
+    # in place of the 4x4 patchify conv (1 * 16 * 128 + 128)
+    stem_params = 9 * 32 + 2 * 32 + 9 * 32 * 64 + 2 * 64 + 64 * 128 + 128
+    assert n_params(stem) == reference - (16 * 128 + 128) + stem_params
+    for model in (vit, convit, stem):
+        assert abs(n_params(model) / reference - 1) < 0.10
+        assert model.patch_embed.grid_size == (14, 14)
+        assert model.embed_dim == 128 and len(model.blocks) == 6
+        assert model.cls_token is not None
+        assert model(torch.randn(2, 1, 56, 56)).shape == (2, 10)
+    kinds = [type(block.attn).__name__ for block in convit.blocks]
+    assert kinds == ["GPSA"] * 4 + ["MHSA"] * 2
+    assert all(block.attn.num_heads == 4 for block in (*vit.blocks, *convit.blocks, *stem.blocks))
+
+
+def test_attention_capture_on_the_14x14_presets() -> None:
+    from spatial_entropy.attention import AttentionCapture
+
+    stem = create_model("se_vit_convstem_small_56", num_classes=10, in_chans=1).eval()
+    with AttentionCapture(stem) as capture:
+        stem(torch.randn(2, 1, 56, 56))
+    assert capture.grid_shape == (14, 14) and capture.logits.shape == (2, 4, 196)
+    # ConViT's last blocks are not timm Attention: no capture (the benchmark reports no Jaccard)
+    convit = create_model("se_convit_small_patch4_56", num_classes=10, in_chans=1)
+    with pytest.raises(TypeError, match="ConVit"):
+        AttentionCapture(convit)
+
+
 def test_create_model_arguments_reach_the_model() -> None:
     model = create_model(
         "se_vit_small_patch8_64",

@@ -8,6 +8,9 @@ import torch
 
 from spatial_entropy.checkpoint import save_weights
 from spatial_entropy.config import load_config, save_config
+from spatial_entropy.data import build_dataset
+from spatial_entropy.distributed import DistributedInfo
+from spatial_entropy.engine import build_datasets
 from spatial_entropy.models import create_model
 from spatial_entropy.runs import RunPaths, load_run
 
@@ -87,3 +90,34 @@ def test_load_run_loads_its_own_weights_strictly(tmp_path):
     save_weights(other_task, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"10 classes.*head.weight: checkpoint \(7, 32\)"):
         load_run(tmp_path, with_masks=False)
+
+
+@pytest.mark.parametrize("subset", [{"n_per_class": 2}, {"fraction": 0.5}])
+def test_the_train_split_of_a_run_is_its_training_subset_without_augmentation(tmp_path, subset):
+    options = {"train_per_class": 4, "test_size": 2, "cache_dir": str(tmp_path / "cache")}
+    config = load_config(
+        values={
+            "model": "se_vit_tiny_patch4_32",
+            "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2},
+            "dataset": "cluttered-fashion",
+            "data_options": options,
+            "seed": 3,
+            **subset,
+        }
+    )
+    save_config(config, tmp_path / "config.yaml")
+    model = create_model(config.model, num_classes=10, in_chans=1, **config.model_kwargs)
+    save_weights(model, tmp_path / "model.safetensors")
+    _, evaluated, _ = load_run(tmp_path, "train", with_masks=False)
+
+    trained = build_datasets(config, DistributedInfo())[0]  # what training iterates over
+    full = build_dataset(
+        "cluttered-fashion", "train", img_size=config.image_size(), is_train=False, options=options
+    )
+    assert len(evaluated) == 20 and len(full) == 40  # 2 of the 4 images of each of 10 classes
+    assert evaluated.indices == trained.indices
+    assert sorted(evaluated.targets) == sorted(list(range(10)) * 2)
+    for position in (0, 7, 19):  # the same images, with the evaluation transform
+        image, label = evaluated[position]
+        expected, expected_label = full[trained.indices[position]]
+        assert label == expected_label and torch.equal(image, expected)

@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from timm.layers import Attention
+from timm.models.convit import MHSA
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["AttentionCapture", "PatchGridTracker", "unwrap_model"]
 
+# Attention modules whose fused q/k/v projection `qkv` the capture reads: timm's ViT attention,
+# and ConViT's plain multi-head attention (its last blocks; the GPSA blocks before them are not).
+SUPPORTED_ATTENTION = (Attention, MHSA)
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    """Return the module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers and the
+    wrapper that ``torch.compile(model)`` returns, in any nesting; its ``state_dict`` has the
+    plain keys (no ``module.`` or ``_orig_mod.`` prefix) and it runs eagerly."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # A compiled model exists only once torch._dynamo was imported; importing it here would
+    # cost every caller seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 class PatchGridTracker:
@@ -77,8 +97,12 @@ class AttentionCapture:
     applies them. Only the latest forward pass is kept.
 
     Supported: ``timm.models.VisionTransformer`` and subclasses (DeiT, distilled DeiT, register
-    tokens, ``qk_norm``, ``dynamic_img_size``) whose last block uses ``timm.layers.Attention``;
-    models wrapped in ``DistributedDataParallel``/``DataParallel``.
+    tokens, ``qk_norm``, ``dynamic_img_size``) whose last block uses ``timm.layers.Attention``,
+    and timm's ConViT (its last block is plain multi-head attention); models wrapped in
+    ``DistributedDataParallel``/``DataParallel``. With ``torch.compile``, attach the capture
+    first, then compile: dynamo traces the hooks into the graph and ``logits`` keeps its
+    gradient. Hooks added after the compiled model's first call do not run (dynamo does not
+    guard on hooks by default), and nothing is captured.
 
     Args:
         model: a timm Vision Transformer with a class token.
@@ -114,21 +138,26 @@ class AttentionCapture:
         if (
             not isinstance(blocks, nn.Sequential | nn.ModuleList)
             or len(blocks) == 0
-            or not isinstance(getattr(blocks[-1], "attn", None), Attention)
+            or not isinstance(getattr(blocks[-1], "attn", None), SUPPORTED_ATTENTION)
             or not hasattr(patch_embed, "dynamic_feat_size")
             or not hasattr(vit, "num_prefix_tokens")
         ):
             raise TypeError(
                 "AttentionCapture expects a timm VisionTransformer-style model (blocks[-1].attn a "
-                "timm.layers.Attention, a patch_embed with dynamic_feat_size, num_prefix_tokens), "
+                "timm.layers.Attention or ConViT MHSA, a patch_embed with dynamic_feat_size, "
+                "num_prefix_tokens), "
                 f"but got {type(vit).__name__}"
             )
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("spatial entropy needs a [CLS] query; this model has none")
 
-        self._attn: Attention = blocks[-1].attn
+        self._attn: Attention | MHSA = blocks[-1].attn
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.num_heads: int = self._attn.num_heads
+        self._head_dim: int = self._attn.qkv.out_features // (3 * self.num_heads)
+        # ConViT's attention has no q/k normalisation.
+        self._q_norm = getattr(self._attn, "q_norm", nn.Identity())
+        self._k_norm = getattr(self._attn, "k_norm", nn.Identity())
         self._cls_scores: Tensor | None = None
         self._grid = PatchGridTracker(patch_embed)
         self._handles: list[RemovableHandle] = [self._attn.qkv.register_forward_hook(self._on_qkv)]
@@ -138,9 +167,9 @@ class AttentionCapture:
         batch, tokens, _ = qkv.shape
         self._grid.check_tokens(tokens, self.num_prefix_tokens, "the last block")
         # Same layout as timm's Attention.forward: (B, N, 3, heads, head_dim).
-        qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-        q_cls = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, heads, 1, head_dim)
-        keys = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, heads, N_all, head_dim)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self._head_dim)
+        q_cls = self._q_norm(qkv[:, :1, 0].transpose(1, 2))  # (B, heads, 1, head_dim)
+        keys = self._k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, heads, N_all, head_dim)
         # The loss wants float32 logits; under autocast the product would drop to half precision.
         dtype = torch.promote_types(keys.dtype, torch.float32)
         with torch.autocast(device_type=qkv.device.type, enabled=False):

@@ -1,35 +1,31 @@
-"""Atomic training checkpoints that load without unpickling code, and RNG state capture."""
+"""Atomic training checkpoints that load without unpickling code."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
-import random
 import re
-import tempfile
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from spatial_entropy.files import atomic_write
+
+# Their home until issue 13: still importable from here.
+from spatial_entropy.rng import get_rng_state, preserved_rng, seed_all, set_rng_state  # noqa: F401
+
 __all__ = [
     "UnreadableFileError",
     "RankState",
     "TrainState",
-    "atomic_write",
-    "get_rng_state",
-    "set_rng_state",
-    "seed_all",
-    "preserved_rng",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -80,32 +76,6 @@ def _read_failure(exc: BaseException) -> str:
     return f"truncated or corrupt? {first}"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one.
-
-    The bytes go to a temporary file in the same directory, are fsynced, and replace ``path``
-    with ``os.replace``; the directory is fsynced so the rename itself survives a crash.
-    A kill between the two leaves the temporary file behind (see :func:`temporary_files`).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def temporary_files(directory: str | os.PathLike, names: str) -> list[Path]:
     """The temporary files that :func:`atomic_write` left in ``directory`` (killed mid-write)
     for the files whose names match the regular expression ``names``; no other file matches.
@@ -120,65 +90,6 @@ def temporary_files(directory: str | os.PathLike, names: str) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_file())
-
-
-def get_rng_state(cuda: bool = True) -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states as tensors and plain lists.
-
-    The result holds no arbitrary objects, so it survives ``torch.load(weights_only=True)``.
-    """
-    version, mt_state, gauss = random.getstate()
-    # The legacy global NumPy RNG is the one that timm's Mixup and augmentations draw from.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if cuda and torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the states captured by :func:`get_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    """Seed the Python, NumPy and torch CPU generators (the ones data augmentation draws from)."""
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002
-    # Not torch.manual_seed: it also seeds every accelerator backend, ~100x slower per call.
-    torch.default_generator.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_rng(enabled: bool = True) -> Iterator[None]:
-    """Put the Python, NumPy and torch CPU RNG states back as they were after the block."""
-    if not enabled:
-        yield
-        return
-    outer = random.getstate(), np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
-    try:
-        yield
-    finally:
-        random.setstate(outer[0])
-        np.random.set_state(outer[1])  # noqa: NPY002
-        torch.set_rng_state(outer[2])
 
 
 def _fields_of(obj: Any) -> dict[str, Any]:
@@ -203,8 +114,10 @@ class RankState:
     """What each process saves of its own: every rank draws its own random numbers (dropout,
     Mixup) and sums its own statistics of the current epoch."""
 
-    rng: dict[str, Any]  # see get_rng_state
+    rng: dict[str, Any]  # see rng.get_rng_state
     epoch_sums: dict[str, Tensor] = field(default_factory=dict)  # on the CPU
+    # Each regulariser's Regularizer.state_dict() by name (DRLoc: its sampling stream).
+    regularizers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +146,9 @@ class TrainState:
     scaler: dict[str, Any] = field(default_factory=dict)
     ema: dict[str, Any] | None = None  # the EMA model's state dict, with model_ema
     ranks: list[RankState] = field(default_factory=list)  # indexed by rank
+    # The state dicts of the regularisers' trainable modules by regulariser name (the DRLoc
+    # head): training-only, so kept here and never in the model's safetensors.
+    regularizer_modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and Python values, for :func:`save_checkpoint`."""

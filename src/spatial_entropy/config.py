@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from spatial_entropy.choices import AMP_MODES, DEVICES, SCHEDULES
 
 __all__ = [
     "DRLocConfig",
@@ -35,6 +38,59 @@ class SpatialEntropyConfig:
     schedule: str = "warmup_cosine"  # "constant" or "warmup_cosine"
     warmup_epochs: float = 10.0  # linear warm-up of lambda (warmup_cosine only)
     per_step: bool = True  # update lambda every optimiser step (else once per epoch)
+
+
+# Allowed values of numeric keys, as (low, high): a number is inclusive, a one-item tuple
+# exclusive, None unbounded; every value must also be finite. `None` values (null) pass.
+_RANGES: dict[str, tuple[Any, Any]] = {
+    "img_size": (1, None),
+    "drop_path": (0, (1,)),
+    "n_per_class": (1, None),
+    "fraction": ((0,), 1),
+    "val_fraction": ((0,), 1),
+    "num_workers": (0, None),
+    "epochs": (1, None),
+    "max_steps": (1, None),
+    "batch_size": (1, None),
+    "lr": (0, None),  # 0 freezes the weights (a test of loading, a probe)
+    "weight_decay": (0, None),
+    "layer_decay": ((0,), 1),
+    "warmup_epochs": (0, None),
+    "warmup_lr": (0, None),
+    "min_lr": (0, None),
+    "clip_grad": ((0,), None),
+    "reprob": (0, 1),
+    "mixup": (0, None),
+    "cutmix": (0, None),
+    "mixup_prob": (0, 1),
+    "mixup_switch_prob": (0, 1),
+    "smoothing": (0, (1,)),
+    "model_ema_decay": (0, 1),
+    "se.weight": (0, None),
+    "se.warmup_epochs": (0, None),
+    "checkpoint_every": (0, None),
+    "keep_checkpoints": (1, None),
+    "eval_every": (1, None),
+    "log_every": (1, None),
+}
+
+
+def _in_range(value: float, low: Any, high: Any) -> bool:
+    if not math.isfinite(value):
+        return False
+    above = low is None or (value > low[0] if isinstance(low, tuple) else value >= low)
+    below = high is None or (value < high[0] if isinstance(high, tuple) else value <= high)
+    return above and below
+
+
+def _describe(low: Any, high: Any) -> str:
+    """``(0,), 1`` -> '> 0 and <= 1' (inf and nan are outside every range)."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"> {low[0]}" if isinstance(low, tuple) else f">= {low}")
+    if high is not None:
+        bounds.append(f"< {high[0]}" if isinstance(high, tuple) else f"<= {high}")
+    return " and ".join(bounds)
 
 
 @dataclass
@@ -111,34 +167,46 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 10  # steps between progress-bar refreshes (each one syncs the device)
+    compile: bool = False  # run the model through torch.compile (as timm's --torchcompile)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation)
 
     def __post_init__(self) -> None:
         choices = {
-            "se.schedule": (self.se.schedule, ("constant", "warmup_cosine")),
-            "amp": (self.amp, ("auto", "bf16", "fp16", "off")),
-            "device": (self.device, ("auto", "cpu", "cuda")),
+            "se.schedule": (self.se.schedule, SCHEDULES),
+            "amp": (self.amp, AMP_MODES),
+            "device": (self.device, DEVICES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"config key {key!r} must be one of {allowed}, got {value!r}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
-        positive |= {"eval_every": self.eval_every, "log_every": self.log_every}
-        positive |= {"keep_checkpoints": self.keep_checkpoints}
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"config key {key!r} must be >= 1, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"config key 'max_steps' must be >= 1 or null, got {self.max_steps}")
-        if self.se.weight < 0:
-            raise ValueError(f"config key 'se.weight' must be >= 0, got {self.se.weight}")
+        for key, (low, high) in _RANGES.items():
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value is not None and not _in_range(value, low, high):
+                raise ValueError(f"config key {key!r} must be {_describe(low, high)}, got {value}")
+        if self.n_per_class is not None and self.fraction is not None:
+            raise ValueError(
+                f"config key 'fraction' cannot be set together with 'n_per_class' "
+                f"(got fraction={self.fraction}, n_per_class={self.n_per_class}); give one"
+            )
 
     def image_size(self) -> int | None:
         """Input side in pixels: ``img_size``, else the model's default input size from timm's
-        pretrained config (None when it has none, leaving the model's own default)."""
+        pretrained config (None when it has none, leaving the model's own default).
+
+        Raises:
+            ValueError: timm knows no model ``model`` (the message suggests close names).
+        """
         if self.img_size is not None:
             return self.img_size
-        # Imported here so that reading a config (and `spatial-entropy --help`) skips timm.
+        # Imported here so that reading a config (and `spatial-entropy --help`) skips timm;
+        # importing our models also registers the presets that timm is asked about.
         from timm.models import get_pretrained_cfg_value
+
+        from spatial_entropy.models import check_model_name
+
+        check_model_name(self.model)
 
         input_size = get_pretrained_cfg_value(self.model, "input_size")
         return None if input_size is None else input_size[-1]
@@ -156,6 +224,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     # on the same device type).
     "num_workers",
     "device",
+    "compile",
     "checkpoint_every",
     "keep_checkpoints",
     "eval_every",
@@ -236,7 +305,26 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ValueError(f"--set expects key=value, got {item!r}")
     # YAML typing: `lr=1e-3` is a float, `model_ema=true` a bool, `max_steps=null` None.
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"--set {item!r}: invalid YAML value ({problem})") from exc
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document at ``path``; a missing file or bad YAML is an error naming the file
+    (and, for bad YAML, the line) in one line."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"{path}: invalid YAML{where}: {problem}") from exc
 
 
 def load_config(
@@ -250,12 +338,13 @@ def load_config(
     dotted keys (``se.weight``) are equivalent.
 
     Raises:
-        ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: invalid YAML, an unknown key (the message lists the valid ones), a value of
+            the wrong type or out of range.
     """
     flat: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded)}")
         flat |= _flatten(loaded)

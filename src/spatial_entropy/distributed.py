@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistributedInfo",
+    "resolve_device",
     "init_distributed",
     "cleanup_distributed",
     "all_reduce_sum",
@@ -38,6 +39,13 @@ class DistributedInfo:
         return self.world_size > 1
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def init_distributed(device: str = "auto") -> DistributedInfo:
     """Join the process group that torchrun describes in the environment, if any.
 
@@ -45,8 +53,7 @@ def init_distributed(device: str = "auto") -> DistributedInfo:
     process drives ``cuda:LOCAL_RANK`` and uses NCCL; on CPU it uses gloo. Without torchrun's
     variables this is a single process and no group is created.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config asks for device 'cuda' but CUDA is not available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -9,22 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from spatial_entropy.checks import check_grid_shape
+
 __all__ = [
     "DRLocHead",
     "drloc_loss",
     "relative_offsets",
     "sample_position_pairs",
 ]
-
-
-def _check_grid(grid_shape: tuple[int, int]) -> tuple[int, int]:
-    if (
-        not isinstance(grid_shape, tuple | list)
-        or len(grid_shape) != 2
-        or not all(isinstance(s, int) and s >= 1 for s in grid_shape)
-    ):
-        raise ValueError(f"Expected grid_shape to be two ints >= 1 (gh, gw), got {grid_shape!r}")
-    return int(grid_shape[0]), int(grid_shape[1])
 
 
 def sample_position_pairs(
@@ -58,7 +50,7 @@ def sample_position_pairs(
         >>> sample_position_pairs(2, (3, 4), 5, g).shape
         torch.Size([2, 5, 2])
     """
-    gh, gw = _check_grid(grid_shape)
+    gh, gw = check_grid_shape(grid_shape)
     if batch < 1 or pairs < 1:
         raise ValueError(f"Expected batch >= 1 and pairs >= 1, got batch={batch}, pairs={pairs}")
     if device is None:
@@ -81,7 +73,7 @@ def relative_offsets(positions: Tensor, grid_shape: tuple[int, int]) -> Tensor:
         >>> relative_offsets(torch.tensor([[5, 0]]), (2, 4))  # (1, 1) against (0, 0)
         tensor([[0.5000, 0.2500]])
     """
-    gh, gw = _check_grid(grid_shape)
+    gh, gw = check_grid_shape(grid_shape)
     rows, cols = positions // gw, positions % gw
     # Python-scalar divisors: no host-to-device copy inside the training step.
     row_offsets = (rows[..., 0] - rows[..., 1]).float() / gh
@@ -159,7 +151,7 @@ def drloc_loss(
         >>> drloc_loss(tokens, (3, 4), head, positions).shape
         torch.Size([])
     """
-    gh, gw = _check_grid(grid_shape)
+    gh, gw = check_grid_shape(grid_shape)
     if not isinstance(tokens, Tensor) or tokens.ndim != 3 or tokens.shape[1] != gh * gw:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"Expected tokens of shape (B, {gh}*{gw}, D), got {shape}")

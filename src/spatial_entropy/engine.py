@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.scheduler_factory import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
@@ -30,13 +30,10 @@ from spatial_entropy.checkpoint import (
     RankState,
     TrainState,
     UnreadableFileError,
-    atomic_write,
     checkpoints_to_resume,
-    get_rng_state,
     load_checkpoint,
     save_checkpoint,
     save_weights,
-    set_rng_state,
 )
 from spatial_entropy.config import (
     RESUMABLE_KEYS,
@@ -55,9 +52,15 @@ from spatial_entropy.distributed import (
     init_distributed,
 )
 from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
+from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader, build_train_loader
-from spatial_entropy.models import create_model
-from spatial_entropy.regularizers import Regularizer, SpatialEntropyRegularizer
+from spatial_entropy.models import compile_model, create_model
+from spatial_entropy.regularizers import (
+    DRLocRegularizer,
+    Regularizer,
+    SpatialEntropyRegularizer,
+)
+from spatial_entropy.rng import get_rng_state, set_rng_state
 from spatial_entropy.runs import RunPaths, write_json
 
 __all__ = [
@@ -72,13 +75,23 @@ __all__ = [
 ]
 
 
-def build_regularizers(config: TrainConfig) -> list[Regularizer]:
-    """The auxiliary losses a config asks for (none when ``se.weight`` is 0)."""
-    if config.se.weight == 0:
-        return []
-    return [
-        SpatialEntropyRegularizer(config.se.weight, config.se.schedule, config.se.warmup_epochs)
-    ]
+def build_regularizers(config: TrainConfig, rank: int = 0) -> list[Regularizer]:
+    """The auxiliary losses a config asks for, in a fixed order: spatial entropy (when
+    ``se.weight`` > 0), then DRLoc (when ``drloc.weight`` > 0).
+
+    The order fixes the optimiser's parameter groups and the checkpoint layout. DRLoc samples
+    its position pairs with the seed ``seed * 65536 + rank``, so every DDP rank draws its own
+    pairs and a run is reproducible from its config.
+    """
+    regularizers: list[Regularizer] = []
+    if config.se.weight > 0:
+        se = config.se
+        regularizers.append(SpatialEntropyRegularizer(se.weight, se.schedule, se.warmup_epochs))
+    if config.drloc.weight > 0:
+        drloc = config.drloc
+        seed = config.seed * 65536 + rank
+        regularizers.append(DRLocRegularizer(drloc.weight, drloc.pairs, drloc.hidden, seed))
+    return regularizers
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -92,7 +105,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class TrainingRun:
-    """What the train step works on. ``model`` is DDP-wrapped when distributed."""
+    """What the train step works on. ``model`` is DDP-wrapped when distributed, then compiled
+    with ``compile``; :func:`unwrap_model` gives the bare model (saved, evaluated, EMA)."""
 
     config: TrainConfig
     info: DistributedInfo
@@ -116,6 +130,14 @@ class TrainingRun:
         enabled = self.amp_dtype is not None
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype, enabled=enabled)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters and those of the regularisers' modules (the DRLoc head)."""
+        parameters = list(self.model.parameters())
+        for reg in self.regularizers:
+            if reg.module is not None:
+                parameters += reg.module.parameters()
+        return parameters
+
     def checkpoint_state(
         self, epoch: int, batch: int, best: dict[str, Any], elapsed: float
     ) -> TrainState | None:
@@ -125,7 +147,10 @@ class TrainingRun:
         scaler and EMA states are taken on rank 0 only (the other ranks get None, as they
         write nothing).
         """
-        own = RankState(get_rng_state(), {k: v.cpu() for k, v in self.epoch_sums.items()})
+        own = RankState(
+            get_rng_state(), {k: v.cpu() for k, v in self.epoch_sums.items()},
+            {reg.name: reg.state_dict() for reg in self.regularizers},
+        )  # fmt: skip
         ranks = all_gather_object(own)
         if not self.info.is_main:
             return None
@@ -134,13 +159,30 @@ class TrainingRun:
             global_batch=self.config.batch_size * self.info.world_size,
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             ema=None if self.ema is None else self.ema.state_dict(), ranks=ranks,
+            regularizer_modules={
+                reg.name: unwrap_model(reg.module).state_dict()
+                for reg in self.regularizers if reg.module is not None
+            },
         )  # fmt: skip
 
     def restore_rank_state(self, state: TrainState) -> None:
-        """Continue this rank's random streams and epoch sums from ``state``."""
+        """Continue this rank's random streams, epoch sums and regulariser states from
+        ``state``.
+
+        Raises:
+            ValueError: a regulariser with state (DRLoc's sampling stream) has none saved.
+        """
         own = state.ranks[self.info.rank]
         set_rng_state(own.rng)
         self.epoch_sums = {k: v.to(self.info.device) for k, v in own.epoch_sums.items()}
+        for reg in self.regularizers:
+            if reg.name in own.regularizers:
+                reg.load_state_dict(own.regularizers[reg.name])
+            elif reg.state_dict():  # a regulariser without state (SE) is fine in any checkpoint
+                raise ValueError(
+                    f"checkpoint step_{state.step:08d} holds no state of the {reg.name!r} "
+                    "regulariser; it was written without it: resume with the run's own config"
+                )
 
 
 def train_step(run: TrainingRun, images: Tensor, targets: Tensor, progress: float) -> Tensor:
@@ -156,7 +198,7 @@ def train_step(run: TrainingRun, images: Tensor, targets: Tensor, progress: floa
     run.scaler.scale(total).backward()
     if cfg.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
-        dispatch_clip_grad(run.model.parameters(), cfg.clip_grad)
+        dispatch_clip_grad(run.trainable_parameters(), cfg.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.step += 1
@@ -321,7 +363,12 @@ def build_training_run(
 ) -> TrainingRun:
     """Model (DDP-wrapped under torchrun), optimiser, schedule, scaler, EMA, regularisers and
     loss of a run, restored from ``resumed`` (weights, state) if given; the ranks' own states
-    (RNGs, epoch sums) are restored by :meth:`TrainingRun.restore_rank_state`."""
+    (RNGs, epoch sums, regulariser states) are restored by
+    :meth:`TrainingRun.restore_rank_state`.
+
+    Raises:
+        ValueError: ``resumed`` holds other regulariser modules than the config trains.
+    """
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
@@ -331,9 +378,29 @@ def build_training_run(
         drop_path_rate=cfg.drop_path, no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint,
         **cfg.model_kwargs,
     ).to(info.device)  # fmt: skip
+    weights, state = resumed if resumed is not None else (None, TrainState())
+    if weights is not None:
+        model.load_state_dict(weights)
+    # EMA copies the bare model before the regularisers hook it (a deep copy copies the hooks)
+    # and never sees their modules.
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    if ema is not None and state.ema is not None:
+        ema.load_state_dict(state.ema)
+    # Attached before the optimiser: DRLoc creates its head here, from the global RNG right
+    # after the model's initial weights, in fresh and resumed runs alike.
+    regularizers = build_regularizers(cfg, info.rank)
+    for reg in regularizers:
+        reg.attach(model)
+    modules = {reg.name: reg.module for reg in regularizers if reg.module is not None}
     optimizer = create_optimizer_v2(
         model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
     )
+    # The regularisers' modules train with the scheduled lr (their groups have no lr_scale, so
+    # under layer decay they get the classifier head's); weights decay, biases do not. Added
+    # before the scheduler, which records every group's initial lr.
+    for module in modules.values():
+        for group in param_groups_weight_decay(module, cfg.weight_decay):
+            optimizer.add_param_group(group)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
@@ -341,9 +408,15 @@ def build_training_run(
     )  # fmt: skip
     amp_dtype = autocast_dtype(cfg.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
-    weights, state = resumed if resumed is not None else (None, TrainState())
     if weights is not None:
-        model.load_state_dict(weights)
+        if state.regularizer_modules.keys() != modules.keys():
+            raise ValueError(
+                f"checkpoint step_{state.step:08d} holds the regulariser modules "
+                f"{sorted(state.regularizer_modules)}, this config trains {sorted(modules)} "
+                "(drloc.weight differs?): resume with the run's own config"
+            )
+        for name, module in modules.items():
+            module.load_state_dict(state.regularizer_modules[name])
         optimizer.load_state_dict(state.optimizer)
         # The schedule is a function of the config and the step (not restored): the same
         # learning rate as saved, or the one of a longer run when `epochs` was raised.
@@ -353,13 +426,13 @@ def build_training_run(
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
-    # EMA copies the model after DDP's broadcast and before the regularisers' hooks.
-    ema = ModelEmaV3(unwrap_model(model), decay=cfg.model_ema_decay) if cfg.model_ema else None
-    if ema is not None and state.ema is not None:
-        ema.load_state_dict(state.ema)
-    regularizers = build_regularizers(cfg)
-    for reg in regularizers:
-        reg.attach(model)
+        # The regulariser calls whatever ``module`` holds: wrapped, its gradients are averaged
+        # over the ranks like the model's.
+        for reg in regularizers:
+            if reg.module is not None:
+                reg.module = DistributedDataParallel(reg.module, device_ids=device_ids)
+    if cfg.compile:  # last: after DDP (as timm) and after the hooks, which dynamo traces
+        model = compile_model(model, cfg.compile_backend)
     criterion, mixup = _criterion(cfg, num_classes)
     return TrainingRun(
         cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,
@@ -434,7 +507,8 @@ def train(
 
     ``run_dir`` receives ``config.yaml``, ``log.csv``, ``checkpoints/``, and at the end
     ``model.safetensors`` (the trained weights; ``model_ema.safetensors`` too with EMA) and
-    ``metrics.json``. Nothing is written before the config, the data and the model have been
+    ``metrics.json``. The regularisers' trainable modules (the DRLoc head) are saved only in
+    the checkpoints. Nothing is written before the config, the data and the model have been
     built. ``datasets`` replaces ``(train, val)`` built from the config; each needs
     ``num_classes`` and ``in_chans``.
 

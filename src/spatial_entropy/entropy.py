@@ -10,43 +10,18 @@ import scipy.ndimage
 import torch
 from torch import nn
 
+from spatial_entropy.checks import check_maps
+from spatial_entropy.choices import SCHEDULES
 from spatial_entropy.components import _check_backend, _check_connectivity, _component_ids
 
 __all__ = [
     "SCHEDULES",
     "SpatialEntropyLoss",
+    "foreground_weights",
     "reference_spatial_entropy",
     "se_weight",
     "spatial_entropy",
 ]
-
-
-def _check_inputs(logits: torch.Tensor, grid_shape: Sequence[int]) -> tuple[int, int]:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"Expected logits to be a torch.Tensor, but got {type(logits).__name__}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"Expected floating-point logits, but got dtype {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(
-            f"Expected logits of shape (B, heads, N), rank 3, but got shape {tuple(logits.shape)}"
-        )
-    if (
-        not isinstance(grid_shape, Sequence)
-        or len(grid_shape) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_shape)
-    ):
-        raise ValueError(
-            f"Expected grid_shape to be two positive ints (gh, gw), got {grid_shape!r}"
-        )
-    gh, gw = grid_shape
-    if logits.shape[-1] != gh * gw:
-        raise ValueError(
-            f"Expected N = gh * gw = {gh} * {gw} = {gh * gw} patch logits, but got N = "
-            f"{logits.shape[-1]} (shape {tuple(logits.shape)})"
-        )
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"Expected a non-empty batch of maps, but got shape {tuple(logits.shape)}")
-    return gh, gw
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +37,33 @@ def _map_mean(scores: torch.Tensor) -> torch.Tensor:
     """
     wide = torch.float32 if scores.device.type == "mps" else torch.float64
     return scores.mean(dim=-1, keepdim=True, dtype=wide).to(scores.dtype)
+
+
+def foreground_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground of each map and its weights: the one definition the loss and the
+    evaluation's region counts share.
+
+    For a map ``S`` (the last dimension): foreground ``S > mean(S)`` (strict; no gradient),
+    weights ``relu(S - mean(S))`` (zero off the foreground; gradients flow through ``S`` and
+    the mean). Computed in float32 for float16/bfloat16/float32 input, also under autocast,
+    and in float64 for float64 input; the mean is accumulated in float64.
+
+    Args:
+        logits: ``(..., N)`` floating-point logits, one map per row.
+
+    Returns:
+        ``(foreground, weights)``: boolean ``(..., N)`` and ``(..., N)`` float32 (float64).
+
+    Example:
+        >>> foreground, weights = foreground_weights(torch.tensor([[0.0, 1.0, 2.0]]))
+        >>> foreground.tolist(), weights.tolist()
+        ([[False, False, True]], [[0.0, 0.0, 1.0]])
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        scores = logits.to(_compute_dtype(logits.dtype))
+        centred = scores - _map_mean(scores)
+        foreground = (centred > 0).detach()
+        return foreground, torch.where(foreground, centred, torch.zeros_like(centred))
 
 
 def spatial_entropy(
@@ -112,16 +114,12 @@ def spatial_entropy(
         >>> round(spatial_entropy(logits, (3, 3)).item(), 4)  # log 2
         0.6931
     """
-    gh, gw = _check_inputs(logits, grid_shape)
+    gh, gw = check_maps(logits, grid_shape, non_empty=True)
     _check_connectivity(connectivity)
     _check_backend(backend)
     batch, heads, n = logits.shape
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = logits.to(_compute_dtype(logits.dtype))
-        centred = scores - _map_mean(scores)
-        foreground = (centred > 0).detach()
-        weights = torch.where(foreground, centred, torch.zeros_like(centred))
-
+        foreground, weights = foreground_weights(logits)
         ids, size = _component_ids(foreground.reshape(-1, gh, gw), connectivity, backend)
         ids = ids.reshape(-1)
         flat_weights = weights.reshape(-1)
@@ -135,7 +133,7 @@ def spatial_entropy(
         usable = foreground & (share > 0)
         log_share = torch.log(torch.where(usable, share, torch.ones_like(share)))
         entropy = -((weights / safe_total) * log_share).sum(dim=-1)
-        finite = torch.isfinite(scores).all(dim=-1)
+        finite = torch.isfinite(logits).all(dim=-1)
         return torch.where(finite, entropy, torch.full_like(entropy, math.nan))
 
 
@@ -148,7 +146,7 @@ def reference_spatial_entropy(
     Kept as the test oracle and the benchmark baseline. Same arguments and output as
     :func:`spatial_entropy`; differentiable.
     """
-    gh, gw = _check_inputs(logits, grid_shape)
+    gh, gw = check_maps(logits, grid_shape, non_empty=True)
     _check_connectivity(connectivity)
     structure = scipy.ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -205,9 +203,6 @@ class SpatialEntropyLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"connectivity={self.connectivity}, backend={self.backend!r}"
-
-
-SCHEDULES = ("constant", "warmup_cosine")
 
 
 def se_weight(

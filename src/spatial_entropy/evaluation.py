@@ -13,14 +13,15 @@ from timm.utils import accuracy as topk_accuracy
 from torch import Tensor, nn
 
 from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.checks import check_maps
 from spatial_entropy.components import label_components
+from spatial_entropy.data.base import VOID
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
-from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.entropy import foreground_weights, spatial_entropy
 from spatial_entropy.loader import build_eval_loader
-from spatial_entropy.runs import RunPaths, load_run, write_json
+from spatial_entropy.runs import RunPaths, data_source, labels_match_run, load_run, write_json
 
 __all__ = [
-    "VOID_LABEL",
     "AttentionStatistics",
     "attention_jaccard",
     "attention_masks",
@@ -31,25 +32,6 @@ __all__ = [
     "map_statistics",
     "object_masks",
 ]
-
-VOID_LABEL = 255
-"""Class-map value of pixels that are ignored (PASCAL VOC's object boundaries and padding)."""
-
-
-def _check_maps(maps: Tensor, grid_shape: Sequence[int], name: str) -> tuple[int, int]:
-    if not isinstance(maps, Tensor) or not maps.dtype.is_floating_point:
-        raise TypeError(f"Expected {name} to be a floating-point tensor, but got {maps!r:.80}")
-    if maps.dim() != 3:
-        raise ValueError(
-            f"Expected {name} of shape (B, heads, N), rank 3, but got shape {tuple(maps.shape)}"
-        )
-    gh, gw = (int(g) for g in grid_shape)
-    if maps.shape[-1] != gh * gw:
-        raise ValueError(
-            f"Expected N = gh * gw = {gh * gw} patches for grid {gh}x{gw}, but got "
-            f"shape {tuple(maps.shape)}"
-        )
-    return gh, gw
 
 
 def attention_masks(
@@ -81,7 +63,7 @@ def attention_masks(
         >>> attention_masks(attention, (2, 2)).int().tolist()
         [[[[1, 1], [0, 0]]]]
     """
-    gh, gw = _check_maps(attention, grid_shape, "attention")
+    gh, gw = check_maps(attention, grid_shape, "attention")
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"Expected mass in (0, 1], but got {mass}")
     values = attention.detach().to(torch.float64)
@@ -143,11 +125,11 @@ def object_masks(mask: Tensor) -> tuple[Tensor, Tensor]:
         return objects, torch.ones_like(mask)
     if mask.dtype.is_floating_point:
         raise TypeError(f"Expected a boolean or integer mask, but got dtype {mask.dtype}")
-    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID_LABEL)]
+    classes = [int(c) for c in mask.unique().tolist() if c not in (0, VOID)]
     objects = torch.stack([mask == c for c in classes]) if classes else None
     if objects is None:
         objects = torch.zeros((0, *mask.shape), dtype=torch.bool, device=mask.device)
-    return objects, mask != VOID_LABEL
+    return objects, mask != VOID
 
 
 def attention_jaccard(
@@ -217,12 +199,10 @@ def map_statistics(logits: Tensor, grid_shape: Sequence[int]) -> tuple[Tensor, T
         >>> [t.tolist() for t in map_statistics(logits, (3, 3))]
         [[[0.6931471824645996]], [[2]]]
     """
-    gh, gw = _check_maps(logits, grid_shape, "logits")
+    gh, gw = check_maps(logits, grid_shape, "logits")
     logits = logits.detach()
     entropy = spatial_entropy(logits, (gh, gw))
-    # Same foreground test and precision as the loss, so the counts describe what it sees.
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    foreground = (scores - scores.mean(dim=-1, keepdim=True)) > 0
+    foreground, _ = foreground_weights(logits)  # the loss's rule: the counts are what it sees
     labels = label_components(foreground.reshape(*logits.shape[:2], gh, gw))
     return entropy, labels.flatten(-2).amax(dim=-1)
 
@@ -456,13 +436,6 @@ def evaluate_attention(
     )
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_run(
     run_dir: str | os.PathLike,
     split: str = "test",
@@ -471,37 +444,83 @@ def evaluate_run(
     *,
     attention: bool = False,
     mass: float = 0.6,
+    dataset: str | None = None,
+    data_path: str | os.PathLike | None = None,
+    data_options: dict[str, Any] | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a finished run's weights (or ``checkpoint``) on ``split`` of its dataset.
 
     The model and data come from ``RUN_DIR/config.yaml`` (see :func:`runs.load_run`);
     ``checkpoint`` is a ``.safetensors`` file or a training checkpoint
-    (``checkpoints/step_*.pt``). Under torchrun each rank evaluates its shard and rank 0
-    writes ``RUN_DIR/eval.json`` (atomically, replacing an earlier one).
+    (``checkpoints/step_*.pt``). ``split="train"`` is the run's training subset, without
+    augmentation. Under torchrun each rank evaluates its shard and rank 0 writes
+    ``RUN_DIR/eval.json`` (atomically, replacing an earlier one).
+
+    Other data (``dataset``, ``data_path``, ``data_options``), e.g. a folder of the user's
+    images with a ``masks/`` tree: accuracy only when the run has every class of that data
+    (labels matched by class name); otherwise it is left out and ``omitted`` says why, as it
+    does for a Jaccard asked for on data without object masks.
 
     Args:
         attention: also the attention statistics (see :func:`evaluate`), with the Jaccard
-            when the dataset has object masks (cluttered-fashion, voc2012, pets).
+            when the data has object masks (cluttered-fashion, voc2012, pets, imagefolder
+            with a masks folder).
         mass: share of the attention mass each head keeps for the Jaccard.
+        dataset, data_path, data_options, skip_bad: the data to evaluate on, as in
+            :func:`runs.load_run`.
 
     Returns:
-        ``top1``, ``top5`` (percent), ``loss``, ``images``, ``split`` and ``checkpoint``; with
-        ``attention`` also the keys of :meth:`AttentionStatistics.compute` and ``mass``.
+        ``split``, ``checkpoint``, ``dataset``, ``data_path`` and ``images``; ``top1``,
+        ``top5`` (percent) and ``loss`` when the labels are the run's classes; with
+        ``attention`` the keys of :meth:`AttentionStatistics.compute` and ``mass``;
+        ``omitted``: metric -> reason, for metrics that cannot be computed on this data.
+
+    Raises:
+        ValueError: nothing can be computed (other classes than the run's, no ``attention``).
     """
     paths = RunPaths(run_dir)
-    model, dataset, cfg = load_run(run_dir, split, checkpoint=checkpoint, with_masks=attention)
+    model, data, cfg = load_run(
+        run_dir, split, checkpoint=checkpoint, with_masks=attention, dataset=dataset,
+        data_path=data_path, data_options=data_options, skip_bad=skip_bad,
+    )  # fmt: skip
+    name, where, _ = data_source(cfg, dataset, data_path)
+    omitted = {}
+    accuracy = labels_match_run(model, data)
+    if not accuracy:
+        omitted["accuracy"] = (
+            f"{name} at {where} has classes the run lacks ({_names(data.classes)}; the run "
+            f"has {_names(model.classes)}), so accuracy would mean nothing"
+        )
+        if not attention:
+            raise ValueError(f"{omitted['accuracy']}; only --attention statistics can be computed")
+    if attention and not data.with_masks:
+        omitted["jaccard"] = f"{name} at {where} has no object masks" + (
+            " (imagefolder: a masks/ folder beside train/ and val/, or the masks_path option)"
+            if name == "imagefolder"
+            else ""
+        )
     info = init_distributed(device)
     try:
-        loader = build_eval_loader(dataset, cfg.batch_size, info, num_workers=cfg.num_workers)
-        measured = evaluate(model.to(info.device), loader, info.device, attention=attention,
-                            mass=mass)  # fmt: skip
+        loader = build_eval_loader(data, cfg.batch_size, info, num_workers=cfg.num_workers)
+        measured = evaluate(model.to(info.device), loader, info.device, accuracy=accuracy,
+                            attention=attention, mass=mass)  # fmt: skip
     finally:
         cleanup_distributed()
     weights = checkpoint if checkpoint is not None else paths.weights
-    metrics = {key: measured[key] for key in ("top1", "top5", "loss", "images")}
-    metrics |= {"split": split, "checkpoint": str(weights)}
+    metrics = {key: measured[key] for key in ("top1", "top5", "loss", "images") if key in measured}
+    metrics |= {"split": split, "checkpoint": str(weights), "dataset": name}
+    metrics["data_path"] = None if where is None else str(where)
     if attention:
         metrics |= measured | {"mass": mass}
+    if omitted:
+        metrics["omitted"] = omitted
     if info.is_main:
         write_json(paths.eval, metrics)
     return metrics
+
+
+def _names(classes: Sequence[str], shown: int = 4) -> str:
+    """``classes`` for a message: the count and the first few names."""
+    more = ", ..." if len(classes) > shown else ""
+    return f"{len(classes)}: {', '.join(map(str, classes[:shown]))}{more}"

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
-from spatial_entropy.checkpoint import preserved_rng, seed_all
 from spatial_entropy.distributed import DistributedInfo
+from spatial_entropy.rng import preserved_rng, seed_all
 
 __all__ = ["EpochSeededDataset", "ResumableSampler", "build_train_loader", "build_eval_loader"]
 

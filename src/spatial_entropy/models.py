@@ -1,13 +1,23 @@
-"""Model factory: timm ViTs by name, small registered presets, "no last skip", local checkpoints."""
+"""Model factory: timm ViTs by name, small registered presets, "no last skip", local checkpoints.
+
+Besides plain ViTs, two presets carry an architectural local bias, the comparisons of the
+second data-efficiency benchmark (benchmarks/evidence_v2.py): a ConViT (timm's ``ConVit``,
+gated positional self-attention) and a ViT with a convolutional stem.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import os
+import platform
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import timm
+from timm.layers import HybridEmbed
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -16,17 +26,25 @@ from timm.models import (
     load_state_dict,
     register_model,
 )
+from timm.models.convit import ConVit
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 
 from .attention import unwrap_model
 from .checkpoint import latest_checkpoint, read_file
 
 __all__ = [
+    "ConvStemEmbed",
     "NoSkipAttentionBlock",
+    "check_model_name",
+    "compile_model",
     "create_model",
     "load_checkpoint_into",
     "remove_last_skip",
+    "se_convit_small_patch4_56",
+    "se_vit_convstem_small_56",
+    "se_vit_small_patch4_56",
     "se_vit_small_patch8_64",
     "se_vit_tiny_patch4_32",
 ]
@@ -58,6 +76,9 @@ default_cfgs = generate_default_cfgs(
     {
         "se_vit_tiny_patch4_32": _preset_cfg((3, 32, 32)),
         "se_vit_small_patch8_64": _preset_cfg((3, 64, 64)),
+        "se_vit_small_patch4_56": _preset_cfg((3, 56, 56)),
+        "se_convit_small_patch4_56": _preset_cfg((3, 56, 56)),
+        "se_vit_convstem_small_56": _preset_cfg((3, 56, 56)) | {"first_conv": None},
     }
 )
 
@@ -92,6 +113,93 @@ def se_vit_small_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransfor
     """
     model_args = dict(patch_size=8, embed_dim=128, depth=6, num_heads=4)
     return _create_preset("se_vit_small_patch8_64", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def se_vit_small_patch4_56(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT for 56x56 images, patch 4 (the paper's 14x14 grid), width 128, depth 6, 4 heads.
+
+    The benchmark ViT of ``se_vit_small_patch8_64`` at the 14x14 grid (the second
+    data-efficiency benchmark: cluttered Fashion-MNIST resized from 64 to 56 px). 1,218,698
+    parameters with 10 classes and ``in_chans=1``.
+    """
+    model_args = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4)
+    return _create_preset("se_vit_small_patch4_56", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def se_convit_small_patch4_56(pretrained: bool = False, **kwargs) -> ConVit:
+    """ConViT (d'Ascoli et al., timm's ``ConVit``) shaped like ``se_vit_small_patch4_56``.
+
+    56x56 input, patch 4 (14x14 grid), width 128, depth 6, 4 heads; gated positional
+    self-attention (GPSA, initialised local) in all but the last two blocks, which are plain
+    multi-head self-attention with the [CLS] token (ConViT adds it after the GPSA blocks).
+    timm's ConViT keeps ``qkv_bias=False``. 1,216,346 parameters with 10 classes and
+    ``in_chans=1``.
+    """
+    # timm's ConVit multiplies embed_dim by num_heads (width = 32 x 4 = 128).
+    model_args = dict(patch_size=4, embed_dim=32, depth=6, num_heads=4, local_up_to_layer=4)
+    return build_model_with_cfg(
+        ConVit, "se_convit_small_patch4_56", pretrained, **dict(model_args, **kwargs)
+    )
+
+
+class ConvStemEmbed(HybridEmbed):
+    """A convolutional stem in place of the patchify layer (Xiao et al., "Early convolutions
+    help transformers see better"): ``log2(patch_size)`` stride-2 3x3 conv-BN-ReLU layers with
+    ``embed_dim / 4, embed_dim / 2, ...`` channels, then a 1x1 conv to ``embed_dim`` (timm's
+    ``ConvStem``), so each token sees a ``patch_size``-strided, overlapping receptive field.
+
+    Built by timm's ``VisionTransformer`` as its ``embed_layer`` (same keywords as
+    ``PatchEmbed``).
+
+    Args:
+        img_size: input side.
+        patch_size: total stride, a power of two >= 2: the grid is ``img_size / patch_size``.
+        in_chans: input channels.
+        embed_dim: token width.
+        **kwargs: passed to timm's ``HybridEmbed`` (``bias`` is the stem's own, dropped).
+
+    Shape:
+        - Input: ``(B, in_chans, H, W)``. Output: ``(B, H * W / patch_size**2, embed_dim)``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 56,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 128,
+        **kwargs,
+    ) -> None:
+        depth = int(math.log2(patch_size)) if patch_size >= 2 else 0
+        if 2**depth != patch_size:
+            raise ValueError(
+                f"ConvStemEmbed needs a power-of-two patch_size >= 2, got {patch_size}"
+            )
+        channels = tuple(embed_dim // 2 ** (depth - i) for i in range(depth)) + (embed_dim,)
+        stem = ConvStem(
+            in_chans,
+            depth=depth + 1,
+            channels=channels,
+            kernel_size=(3,) * depth + (1,),
+            stride=(2,) * depth + (1,),
+        )
+        kwargs.pop("bias", None)  # the stem's last conv has its own bias
+        super().__init__(
+            stem, img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim,
+            proj=False, **kwargs,
+        )  # fmt: skip
+
+
+@register_model
+def se_vit_convstem_small_56(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """``se_vit_small_patch4_56`` with a convolutional stem (:class:`ConvStemEmbed`) in place of
+    the patchify layer: 56x56 input, 14x14 grid, width 128, depth 6, 4 heads. 1,243,754
+    parameters with 10 classes and ``in_chans=1``.
+    """
+    model_args = dict(patch_size=4, embed_dim=128, depth=6, num_heads=4, embed_layer=ConvStemEmbed)
+    return _create_preset("se_vit_convstem_small_56", pretrained, **dict(model_args, **kwargs))
 
 
 class NoSkipAttentionBlock(nn.Module):
@@ -163,8 +271,11 @@ def create_model(
     """Build a timm Vision Transformer by name, never downloading weights.
 
     Args:
-        name: any timm ViT name (``vit_*``, ``deit_*``, ...) or one of our presets
-            (``se_vit_tiny_patch4_32``, ``se_vit_small_patch8_64``).
+        name: any timm ViT name (``vit_*``, ``deit_*``, ...), a timm ConViT (``convit_*``) or one
+            of our presets (``se_vit_tiny_patch4_32``, ``se_vit_small_patch8_64``,
+            ``se_vit_small_patch4_56``, ``se_convit_small_patch4_56``,
+            ``se_vit_convstem_small_56``). Only ViTs support ``no_last_skip`` and the attention
+            capture; a ConViT's last block is not a timm ``Attention``.
         num_classes: classifier outputs.
         img_size: input size, ``int`` or ``(H, W)``; ``None`` keeps the model's default.
         in_chans: input channels.
@@ -179,12 +290,14 @@ def create_model(
         The model, in training mode, on the CPU.
 
     Example:
+        >>> import torch
         >>> model = create_model("se_vit_small_patch8_64", num_classes=10, in_chans=1)
         >>> model(torch.randn(2, 1, 64, 64)).shape
         torch.Size([2, 10])
     """
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    check_model_name(name)
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     model = timm.create_model(
@@ -195,15 +308,75 @@ def create_model(
         drop_path_rate=drop_path_rate,
         **timm_kwargs,
     )
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, VisionTransformer | ConVit):
         raise TypeError(
-            f"create_model builds timm Vision Transformers; {name!r} is a {type(model).__name__}"
+            f"create_model builds timm Vision Transformers (and ConViT); {name!r} is a "
+            f"{type(model).__name__}"
         )
     if no_last_skip:
         remove_last_skip(model)
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     return model
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError when timm knows no model ``name``, suggesting the closest of timm's
+    models and our presets (a ``.tag`` suffix and ``hf-hub:`` names are left to timm).
+
+    Example:
+        >>> check_model_name("vit_smal_patch16_224")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown model 'vit_smal_patch16_224'; did you mean 'vit_small_patch16_224', ...
+    """
+    if ":" in name or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = (
+        f"did you mean {', '.join(repr(c) for c in close)}?"
+        if close
+        else "timm.list_models('*vit*') lists the Vision Transformers"
+    )
+    raise ValueError(f"unknown model {name!r}; {hint}")
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, backend=backend)``, after checking that this PyTorch can compile.
+
+    Compile after wrapping in ``DistributedDataParallel`` (as timm does; dynamo then splits
+    the graph at DDP's gradient buckets) and after attaching forward hooks such as
+    :class:`~spatial_entropy.attention.AttentionCapture`: dynamo traces the hooks into the
+    graph, while hooks added after the first compiled call never run. The returned wrapper
+    shares the model's parameters; :func:`~spatial_entropy.attention.unwrap_model` returns the
+    model itself (plain ``state_dict`` keys, eager forward).
+
+    Args:
+        model: the module to compile (possibly DDP-wrapped).
+        backend: a registered ``torch.compile`` backend: ``"inductor"`` generates fused
+            kernels (C++ on CPU, Triton on GPU; the first step compiles, tens of seconds),
+            ``"aot_eager"`` traces forward and backward without generating code (for tests).
+
+    Raises:
+        RuntimeError: this PyTorch has no ``torch.compile`` on this Python or platform.
+        ValueError: ``backend`` is not a registered backend.
+    """
+    import torch._dynamo  # seconds to import: only when compiling
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise RuntimeError(
+            f"compile: true needs torch.compile, which torch {torch.__version__} does not "
+            f"support on Python {sys.version.split()[0]} ({platform.system()}); set compile: false"
+        )
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        close = difflib.get_close_matches(backend, backends, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown torch.compile backend {backend!r} (compile_backend); {hint}"
+            f"registered: {', '.join(backends)}"
+        )
+    return torch.compile(model, backend=backend)
 
 
 def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:

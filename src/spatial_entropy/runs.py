@@ -28,7 +28,7 @@ from spatial_entropy.data.registry import dataset_class
 # and this module builds models, so the name is defined there.
 from spatial_entropy.models import MODEL_WEIGHTS_NAME, create_model, load_checkpoint_into
 
-__all__ = ["RunPaths", "load_run", "to_json", "write_json"]
+__all__ = ["RunPaths", "data_source", "labels_match_run", "load_run", "to_json", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,23 @@ def load_run(
     *,
     checkpoint: str | os.PathLike | None = None,
     with_masks: bool = True,
+    dataset: str | None = None,
+    data_path: str | os.PathLike | None = None,
+    data_options: dict[str, Any] | None = None,
+    skip_bad: bool = False,
 ) -> tuple[nn.Module, Dataset, TrainConfig]:
     """A trained run's model and a split of its dataset, as ``RUN_DIR/config.yaml`` describes.
+
+    The split gets the evaluation transform. ``train`` is the run's training set: its
+    ``n_per_class`` / ``fraction`` subset, drawn with its seed as training drew it, without
+    augmentation.
+
+    Other data (``dataset``, ``data_path``): the split of that dataset instead, e.g. a folder
+    of the user's images with object masks. The model keeps the run's classes and input
+    channels, read from the run's own dataset (which must still be readable); the items'
+    labels are renumbered into the run's classes by name when the run has every class of
+    the new data (so accuracy means something), and left as they are otherwise (see
+    :func:`labels_match_run`). No training subset is taken from other data.
 
     Args:
         run_dir: a directory written by ``spatial-entropy train``.
@@ -152,16 +167,25 @@ def load_run(
         checkpoint: weights to load instead of ``RUN_DIR/model.safetensors``: a
             ``.safetensors`` file, a training checkpoint (``checkpoints/step_*``, with or
             without suffix) or a checkpoint directory (its latest checkpoint).
-        with_masks: give the items object masks when the dataset has them.
+        with_masks: give the items object masks where the data has them (see
+            ``VisionDataset.has_masks``: imagefolder has them when its masks folder exists).
+        dataset: evaluate on this dataset instead of the run's.
+        data_path: where the data is, instead of the run's ``data_path``.
+        data_options: dataset options; added to the run's ``data_options`` when the dataset
+            is the run's, else the only options.
+        skip_bad: skip bad items (e.g. images without their mask) instead of raising.
 
     Returns:
-        ``(model, dataset, config)``, the model in eval mode on the CPU.
+        ``(model, dataset, config)``, the model in eval mode on the CPU, with the run's class
+        names as ``model.classes``.
 
     Raises:
-        FileNotFoundError: the run has no weights (yet) or ``checkpoint`` does not exist.
+        FileNotFoundError: the run has no weights (yet), ``checkpoint`` does not exist, or
+            the data is missing.
         UnreadableFileError: the weights file is truncated or corrupt (a ValueError).
         ValueError: the weights do not fit the model exactly, e.g. a classifier for another
-            number of classes than the split has (nothing is adapted or re-initialised).
+            number of classes than the split has (nothing is adapted or re-initialised), or
+            other data has another number of input channels than the run.
     """
     paths = RunPaths(run_dir)
     config = load_config(paths.config)
@@ -170,22 +194,36 @@ def load_run(
         weights = weights.with_suffix(".safetensors")
     if checkpoint is None and not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}; has the run finished?")
-    masks = with_masks and dataset_class(config.dataset).mask_dtype is not None
-    dataset = build_dataset(
-        config.dataset,
+    own_data = (dataset or config.dataset) == config.dataset and data_path is None
+    name, data_path, options = data_source(config, dataset, data_path, data_options)
+    # The run's training subset, drawn by build_dataset exactly as engine.build_datasets does.
+    subset = dict(n_per_class=config.n_per_class, fraction=config.fraction)
+    eval_set = build_dataset(
+        name,
         split,
-        data_path=config.data_path,
+        data_path=data_path,
         img_size=config.image_size(),
         is_train=False,
         seed=config.seed,
-        with_masks=masks,
-        options=config.data_options or None,
+        with_masks=with_masks and dataset_class(name).has_masks(data_path, **options),
+        skip_bad=skip_bad,
+        options=options or None,
+        **(subset if own_data and split == "train" else {}),
     )
+    classes, in_chans = eval_set.classes, eval_set.in_chans
+    if not own_data:
+        classes, in_chans = _run_classes(config, paths)
+        if eval_set.in_chans != in_chans:
+            raise ValueError(
+                f"{run_dir} was trained on {in_chans}-channel images; {name} at {data_path} "
+                f"gives {eval_set.in_chans}-channel images"
+            )
+        _renumber_labels(eval_set, classes)
     model = create_model(
         config.model,
-        num_classes=dataset.num_classes,
+        num_classes=len(classes),
         img_size=config.image_size(),
-        in_chans=dataset.in_chans,
+        in_chans=in_chans,
         no_last_skip=config.no_last_skip,
         **config.model_kwargs,
     )
@@ -197,7 +235,56 @@ def load_run(
     except ValueError as exc:
         raise ValueError(
             f"{weights} does not fit the model that {paths.config} describes for "
-            f"split {split!r} ({dataset.num_classes} classes, {dataset.in_chans} input "
-            f"channels): {exc}"
+            f"split {split!r} ({len(classes)} classes, {in_chans} input channels): {exc}"
         ) from exc
-    return model.eval(), dataset, config
+    model.classes = list(classes)
+    return model.eval(), eval_set, config
+
+
+def data_source(
+    config: TrainConfig,
+    dataset: str | None = None,
+    data_path: str | os.PathLike | None = None,
+    data_options: dict[str, Any] | None = None,
+) -> tuple[str, str | os.PathLike | None, dict[str, Any]]:
+    """``(dataset, data_path, options)`` that :func:`load_run` reads: the run's, with the
+    given ones in their place (``data_options`` added to the run's own for its dataset)."""
+    name = dataset or config.dataset
+    same = name == config.dataset
+    if data_path is None and same:
+        data_path = config.data_path
+    return name, data_path, (config.data_options if same else {}) | (data_options or {})
+
+
+def labels_match_run(model: nn.Module, dataset: Dataset) -> bool:
+    """Whether ``dataset``'s labels are the classes of the run ``model`` comes from (as
+    :func:`load_run` gives them), so that its accuracy means something."""
+    return list(dataset.classes) == list(model.classes)
+
+
+def _run_classes(config: TrainConfig, paths: RunPaths) -> tuple[list[str], int]:
+    """The class names and input channels of the run's own dataset."""
+    try:
+        own = build_dataset(
+            config.dataset,
+            config.val_split,
+            data_path=config.data_path,
+            img_size=config.image_size(),
+            options=config.data_options or None,
+        )
+    except (OSError, ValueError) as exc:
+        raise type(exc)(
+            f"the classes of {paths.root} come from its own dataset ({config.dataset}), "
+            f"which cannot be read: {exc}"
+        ) from exc
+    return list(own.classes), own.in_chans
+
+
+def _renumber_labels(dataset: Dataset, classes: list[str]) -> None:
+    """Give ``dataset``'s items the indices of their class names in ``classes`` when every
+    class of ``dataset`` is there (e.g. a folder holding some of the run's classes)."""
+    index = {name: i for i, name in enumerate(classes)}
+    if not set(dataset.classes) <= index.keys():
+        return
+    dataset.targets = [index[dataset.classes[label]] for label in dataset.targets]
+    dataset.classes = list(classes)

@@ -9,6 +9,7 @@ import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,19 +18,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spatial_entropy.attention import AttentionCapture
-from spatial_entropy.data.base import open_image, open_object_mask
+from spatial_entropy.data.base import VOID, open_image, open_object_mask
+from spatial_entropy.distributed import resolve_device
 from spatial_entropy.evaluation import (
-    VOID_LABEL,
     attention_jaccard,
     attention_masks,
     object_masks,
-    resolve_device,
 )
 from spatial_entropy.runs import RunPaths, load_run
 
 __all__ = [
     "TRAINING_PANELS",
     "attention_figure",
+    "dataset_figure",
     "denormalize",
     "read_training_log",
     "run_attention_figure",
@@ -86,7 +87,7 @@ def _object_panel(ax, mask: Tensor) -> None:
         return
     colours = colormaps["tab20"](values % 20)[..., :3]
     colours[values == 0] = 0.0
-    colours[values == VOID_LABEL] = 0.75
+    colours[values == VOID] = 0.75
     ax.imshow(colours, interpolation="nearest")
 
 
@@ -200,6 +201,43 @@ def attention_figure(
     return fig
 
 
+def dataset_figure(dataset: Any, count: int = 16) -> Figure:
+    """A grid of ``count`` evenly spaced items of a dataset, for a look at what it holds.
+
+    Each panel shows the un-normalised image (:func:`denormalize`), titled with its class, and
+    outlines its objects in red when the items carry masks (see ``object_masks``: for class
+    maps every class but background and void).
+
+    Args:
+        dataset: a ``VisionDataset`` (or a subset of one) with ``mean``, ``std`` and
+            ``classes``, whose items are ``(image, label)`` or ``(image, label, mask)``.
+        count: how many items to draw (fewer if the dataset is smaller).
+
+    Returns:
+        The matplotlib figure, about square.
+
+    Raises:
+        ValueError: if the dataset is empty.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty; nothing to draw")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round())
+    columns = math.ceil(math.sqrt(len(indices)))
+    rows = math.ceil(len(indices) / columns)
+    fig = Figure(figsize=(1.6 * columns, 1.8 * rows), layout="tight")
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, indices.astype(int).tolist(), strict=False):
+        image, label, *mask = dataset[index]
+        _show_image(ax, denormalize(image[None], dataset.mean, dataset.std)[0])
+        if mask:
+            _outline(ax, object_masks(mask[0])[0].any(dim=0), "red")
+        name = dataset.classes[label] if dataset.classes else str(label)
+        ax.set_title(name[:18], fontsize=7)
+    return fig
+
+
 def _wrap(name: str, width: int = 18) -> str:
     """A run name on lines short enough for one panel (paths break after their slashes)."""
     return "\n".join(textwrap.wrap(name.replace("/", "/ "), width)).replace("/ ", "/")
@@ -268,11 +306,12 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
 
 
 def _folder_images(
-    folder: Path, transform, in_chans: int, masks_dir: Path | None = None
+    folder: Path, transform, in_chans: int, count: int, masks_dir: Path | None = None
 ) -> tuple[Tensor, list[str], Tensor | None]:
-    """The images of ``folder`` through ``transform``, their names, and with ``masks_dir``
-    their object masks ``masks_dir/<stem>.png`` (0/1/255 maps, see `open_object_mask`)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The first ``count`` images of ``folder`` (by file name) through ``transform``, their
+    names, and with ``masks_dir`` their object masks ``masks_dir/<stem>.png`` (0/1/255 maps,
+    see `open_object_mask`)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
         raise FileNotFoundError(f"{folder}: no images (expected files ending in {IMAGE_SUFFIXES})")
     mode = "L" if in_chans == 1 else "RGB"
@@ -335,12 +374,13 @@ def run_attention_figure(
     Args:
         run_dirs: one run, or several to compare (e.g. baseline, then regularised); all must
             take the same inputs (dataset, image size, channels).
-        images_dir: a folder of images, prepared with the first run's evaluation transform;
-            None takes the first ``count`` items of ``split`` (with object masks when the
-            dataset has them).
+        images_dir: a folder of images (the first ``count`` by file name), prepared with the
+            first run's evaluation transform; None takes the first ``count`` items of ``split``
+            (with object masks when the dataset has them).
         masks_dir: object masks of the ``images_dir`` images, ``<stem>.png`` each (0 =
             background, any other value = object); their outline is drawn.
-        split, count: which dataset items to show without ``images_dir``.
+        split: the dataset split to show without ``images_dir``.
+        count: at most this many images (rows).
         mass: share of the attention mass the masks keep.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
@@ -356,7 +396,8 @@ def run_attention_figure(
     runs = {}
     images = masks = row_labels = dataset = None
     for run_dir, run_name in zip(map(Path, run_dirs), run_names(run_dirs), strict=True):
-        model, run_dataset, config = load_run(run_dir, split)
+        # The dataset's own masks are drawn only when its items are shown.
+        model, run_dataset, config = load_run(run_dir, split, with_masks=images_dir is None)
         if dataset is None:
             dataset = run_dataset
             if images_dir is not None:
@@ -364,6 +405,7 @@ def run_attention_figure(
                     Path(images_dir),
                     dataset.transform,
                     dataset.in_chans,
+                    count,
                     None if masks_dir is None else Path(masks_dir),
                 )
             else:

@@ -155,3 +155,29 @@ def test_real_items_masks_are_exact():
     np.testing.assert_array_equal(scenes["images"] > 0, scenes["masks"])
     sides = scenes["boxes"][:, 2:] - scenes["boxes"][:, :2]
     assert sides.max() <= 40 and np.bincount(scenes["labels"]).tolist() == [20] * 10
+
+
+def test_scene_settings_are_one_recipe_for_generator_and_dataset(fashion_dir):
+    from spatial_entropy.data.cluttered import SCENE_OPTIONS, SceneSettings
+    from spatial_entropy.data.registry import dataset_options
+
+    by_name = generate_cluttered(
+        30, "test", seed=5, data_path=fashion_dir, distractors=1, dim=0.5, cache=False
+    )
+    scene = SceneSettings(distractors=1, dim=0.5)
+    by_object = generate_cluttered(
+        30, "test", seed=5, data_path=fashion_dir, scene=scene, cache=False
+    )
+    for name in by_name:
+        np.testing.assert_array_equal(by_name[name], by_object[name])
+    assert by_object["distractor_boxes"].shape == (30, 1, 4)
+    assert set(SCENE_OPTIONS) == {
+        "canvas", "object_size", "distractors", "fragment_size", "dim", "max_overlap"
+    }  # fmt: skip
+    assert set(SCENE_OPTIONS) <= set(dataset_options("cluttered-fashion"))
+    with pytest.raises(ValueError, match="not both"):
+        generate_cluttered(30, "test", data_path=fashion_dir, scene=scene, dim=0.5, cache=False)
+    with pytest.raises(TypeError, match="unknown scene setting"):
+        generate_cluttered(30, "test", data_path=fashion_dir, colour=1, cache=False)
+    with pytest.raises(ValueError, match="object_size"):
+        SceneSettings(object_size=(30, 70))

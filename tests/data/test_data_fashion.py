@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from data_writers import fashion_arrays, write_idx
 
+from spatial_entropy.cli import main
 from spatial_entropy.data import (
     DatasetError,
     DatasetNotFoundError,
@@ -79,6 +81,21 @@ def test_lookup_order_data_path_then_system(tmp_path, monkeypatch, write_fashion
 def test_missing_everywhere_says_how_to_get_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
         build_dataset("fashion-mnist", "train", data_path=tmp_path, options={"download": False})
+
+
+def test_readme_demo_offline_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    # The README's first command on a machine with neither the Debian package nor a network.
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    code = main(["train", "--config", str(demo), "--output", str(tmp_path / "demo")])
+    error = capsys.readouterr().err
+    assert code == 1 and len(error.strip().splitlines()) == 1, error
+    # what to do comes first, the download's failure after it
+    assert error.startswith("spatial-entropy train: Fashion-MNIST not found; install")
+    assert error.index("apt-get install dataset-fashion-mnist") < error.index("no network")
 
 
 def test_partial_folder_names_missing_file(fashion_dir):

@@ -1,5 +1,6 @@
 """ImageFolder with the user's own masks: layout, void pixels, bad masks, Jaccard, CLI."""
 
+import json
 import re
 import warnings
 
@@ -14,7 +15,7 @@ from spatial_entropy.checkpoint import save_weights
 from spatial_entropy.cli import main
 from spatial_entropy.config import load_config, save_config
 from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset, dataset_class
-from spatial_entropy.evaluation import evaluate_attention
+from spatial_entropy.evaluation import evaluate_attention, evaluate_run
 from spatial_entropy.models import create_model
 from spatial_entropy.visualize import PANEL_INCHES
 
@@ -180,7 +181,7 @@ def test_data_info_reports_the_masks(masked_dir, tmp_path, capsys):
     assert "d1.png: mask file not found" in capsys.readouterr().err
 
 
-def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
+def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
     config = load_config(
         values={
             "model": "se_vit_tiny_patch4_32",
@@ -207,7 +208,120 @@ def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path):
             round((2 * PANEL_INCHES + 0.4) * 100),
         )
     (masks / "c1.png").unlink()
-    with pytest.raises(SystemExit, match=r"attention: .*cat/c1\.png: mask file not found for"):
-        main([*argv, "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"masks_dir \(--masks\) needs images_dir"):
-        main(["attention", str(run_dir), "--masks", str(masks), "--out", str(out)])
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert re.fullmatch(
+        r"spatial-entropy attention: .*cat/c1\.png: mask file not found for.*\n", error
+    )
+    assert main(["attention", str(run_dir), "--masks", str(masks), "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert re.fullmatch(
+        r"spatial-entropy attention: .*masks_dir \(--masks\) needs images_dir.*\n", error
+    )
+
+
+def uniform_run(tmp_path, classes, favoured, **values):
+    """A run trained on a folder of ``classes`` whose every [CLS] attention map is uniform
+    (zero q/k weights) and whose head always predicts class index ``favoured``."""
+    rng = np.random.default_rng(0)
+    own = tmp_path / "own"
+    for name in classes:
+        write_jpeg(own / "val" / name / "x.jpg", rng, (32, 32))
+    config = load_config(
+        values={
+            "model": "se_vit_tiny_patch4_32",
+            "model_kwargs": {"depth": 1, "embed_dim": 24},
+            "dataset": "imagefolder",
+            "data_path": str(own),
+            "img_size": SIZE,
+            "num_workers": 0,
+        }
+        | values
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(config, run_dir / "config.yaml")
+    model = create_model(config.model, num_classes=len(classes), img_size=SIZE, in_chans=3,
+                         **config.model_kwargs)  # fmt: skip
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight[: 2 * 24].zero_()
+        model.blocks[-1].attn.qkv.bias[: 2 * 24].zero_()
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.eye(len(classes))[favoured])
+    save_weights(model, run_dir / "model.safetensors")
+    return run_dir
+
+
+def evaluate_folder(run_dir, folder, *more):
+    argv = ["evaluate", str(run_dir), "--device", "cpu", "--attention", "--data-path",
+            str(folder), "--set", "void_value=255", *more]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped image and the resized mask
+        assert main(argv) == 0
+    return json.loads((run_dir / "eval.json").read_text())
+
+
+def test_evaluate_a_run_on_a_masked_folder(masked_dir, tmp_path, capsys):
+    # The run knows bird, cat, dog; the folder has cat and dog, renumbered 1 and 2 by name.
+    run_dir = uniform_run(tmp_path, ["bird", "cat", "dog"], favoured=1)
+    result = evaluate_folder(run_dir, masked_dir, "--skip-bad")
+    assert result == json.loads(capsys.readouterr().out)
+    assert result["jaccard_images"] == result["images"] == 3
+    assert result["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
+    assert result["top1"] == pytest.approx(100 * 2 / 3)  # c0 and c1 are cats, d0 a dog
+    # uniform logits have no foreground: no region, zero entropy
+    assert result["se_mean"] == 0 and result["regions_mean"] == 0
+    assert "omitted" not in result and result["data_path"] == str(masked_dir)
+    # without --skip-bad, the image without its mask stops the command, naming the mask
+    with pytest.raises(DatasetNotFoundError, match=r"dog/d1\.png: mask file not found") as error:
+        evaluate_run(run_dir, attention=True, data_path=masked_dir)
+    assert "\n" not in str(error.value)
+
+
+def test_evaluate_on_other_classes_leaves_accuracy_out(masked_dir, tmp_path, capsys):
+    run_dir = uniform_run(tmp_path, ["ant", "bee"], favoured=0)
+    result = evaluate_folder(run_dir, masked_dir, "--skip-bad")
+    assert "top1" not in result and "loss" not in result
+    assert result["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
+    assert (
+        "classes the run lacks (2: cat, dog; the run has 2: ant, bee)"
+        in (result["omitted"]["accuracy"])
+    )
+    assert "no accuracy: imagefolder at" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"would mean nothing; only --attention statistics can"):
+        evaluate_run(run_dir, data_path=masked_dir)
+
+
+def test_evaluate_on_a_folder_without_masks_or_without_a_folder(masked_dir, tmp_path, capsys):
+    run_dir = uniform_run(tmp_path, ["cat", "dog"], favoured=0)
+    (masked_dir / "masks").rename(tmp_path / "elsewhere")
+    result = evaluate_folder(run_dir, masked_dir)
+    assert "jaccard" not in result and result["images"] == 4 and result["top1"] == 50.0
+    assert "masks/ folder" in result["omitted"]["jaccard"]
+    assert "spatial-entropy evaluate: no jaccard: imagefolder at" in capsys.readouterr().err
+    # masks_path finds the moved tree
+    moved = evaluate_folder(run_dir, masked_dir, "--set", f"masks_path={tmp_path / 'elsewhere'}",
+                            "--skip-bad")  # fmt: skip
+    assert moved["jaccard"] == pytest.approx(sum(SHARES) / 3, abs=1e-9)
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere/val: not found; expected a folder"):
+        evaluate_run(run_dir, attention=True, data_path=tmp_path / "nowhere")
+
+
+def test_evaluate_a_grey_run_on_a_colour_folder_is_an_error(masked_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    options = {"test_size": 2, "cache_dir": str(tmp_path / "cache")}
+    config = load_config(
+        values={
+            "model": "se_vit_tiny_patch4_32",
+            "model_kwargs": {"depth": 1, "embed_dim": 24},
+            "dataset": "cluttered-fashion",
+            "data_options": options,
+        }  # fmt: skip
+    )
+    save_config(config, run_dir / "config.yaml")
+    model = create_model(config.model, num_classes=10, in_chans=1, **config.model_kwargs)
+    save_weights(model, run_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"trained on 1-channel images; imagefolder at .* gives 3"):
+        evaluate_run(run_dir, dataset="imagefolder", data_path=masked_dir)

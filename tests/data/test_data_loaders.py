@@ -1,5 +1,6 @@
 """CIFAR, Flowers-102, Pets, ImageFolder and VOC 2012 on miniatures in their real formats."""
 
+import os
 import pickle
 
 import numpy as np
@@ -10,6 +11,7 @@ from data_writers import PETS_TEST, PETS_TRAINVAL, write_jpeg
 from PIL import Image
 
 from spatial_entropy.data import DatasetError, DatasetNotFoundError, build_dataset
+from spatial_entropy.data.base import open_image
 
 # --- CIFAR ---------------------------------------------------------------------------------
 
@@ -58,6 +60,59 @@ def test_cifar_bad_inputs(tmp_path, write_cifar):
         build_dataset("cifar10", "train", data_path=tmp_path / "nowhere")
 
 
+class _RunsCodeOnLoad:
+    """Unpickling this calls ``os.mkdir(marker)``: a stand-in for any code a file could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_cifar_refuses_pickles_that_would_run_code(tmp_path, write_cifar):
+    folder, _ = write_cifar(tmp_path)
+    marker = tmp_path / "code_ran"
+    with open(folder / "data_batch_4", "wb") as f:
+        pickle.dump({b"data": _RunsCodeOnLoad(marker), b"labels": [0]}, f)
+    with pytest.raises(DatasetError, match=r"data_batch_4: .*refus.*(posix|os)\.mkdir"):
+        build_dataset("cifar10", "train", data_path=tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_cifar_reads_the_official_pickle_protocols(tmp_path, write_cifar, protocol):
+    # The official batches are Python 2 pickles (protocol 2, numpy 1's `numpy.core` names);
+    # files re-saved by Python 3 use the later protocols and numpy 2's `numpy._core`.
+    folder, _ = write_cifar(tmp_path)
+    pixels = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {b"batch_label": "testing batch 1 of 1", b"data": pixels, b"labels": [4, 7]}
+    batch[b"filenames"] = [b"cat_1.png", "dog_2.png"]
+    content = pickle.dumps(batch, protocol=protocol)
+    if protocol == 2:
+        content = content.replace(b"numpy._core.", b"numpy.core.")
+    (folder / "test_batch").write_bytes(content)
+    test = build_dataset("cifar10", "test", data_path=tmp_path)
+    assert test.targets == [4, 7]
+    np.testing.assert_array_equal(
+        np.asarray(test.load(1)[0]), pixels[1].reshape(3, 32, 32).transpose(1, 2, 0)
+    )
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_16_bit_png_keeps_its_grey_levels(tmp_path, mode):
+    # A 16-bit greyscale ramp: 8-bit conversion used to clip everything above 255 to white.
+    ramp = np.linspace(0, 65535, 64 * 16).round().astype(np.uint16).reshape(16, 64)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    image = np.asarray(open_image(path, mode), dtype=np.float64)
+    expected = ramp / 257.0  # 65535 -> 255
+    if mode == "RGB":
+        assert image.shape == (16, 64, 3)
+        expected = np.repeat(expected[..., None], 3, axis=-1)
+    np.testing.assert_allclose(image, expected, atol=0.5 + 1e-9)
+
+
 # --- Flowers-102 ---------------------------------------------------------------------------
 
 
@@ -89,6 +144,14 @@ def test_flowers_bad_inputs(flowers_dir):
         build_dataset("flowers102", "test", data_path=flowers_dir)
     (flowers_dir / "setid.mat").unlink()
     with pytest.raises(DatasetNotFoundError, match="setid.mat: not found"):
+        build_dataset("flowers102", "train", data_path=flowers_dir)
+
+
+def test_flowers_matlab_v73_file_names_the_file(flowers_dir):
+    # MATLAB's -v7.3 files are HDF5, which scipy cannot read (NotImplementedError).
+    header = b"MATLAB 7.3 MAT-file".ljust(116) + bytes(8) + b"\x00\x02IM"
+    (flowers_dir / "setid.mat").write_bytes(header + bytes(512))
+    with pytest.raises(DatasetError, match=r"setid\.mat: cannot read .*v7\.3"):
         build_dataset("flowers102", "train", data_path=flowers_dir)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spatial_entropy.choices import DEVICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,12 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="object masks of the --images images, MASKDIR/<stem>.png (0 = background, "
         "non-zero = object): outlined beside the kept patches",
     )
-    parser.add_argument("--count", type=int, default=8, help="images from --split (default: 8)")
+    parser.add_argument(
+        "--count", type=int, default=8, help="images to draw, from --split or --images (default: 8)"
+    )
     parser.add_argument(
         "--mass", type=float, default=0.6, help="attention mass the masks keep (default: 0.6)"
     )
     parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.set_defaults(func=run)
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from spatial_entropy.choices import SPLITS
 from spatial_entropy.config import parse_override
 
 PROG = "spatial-entropy data info"
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("name", metavar="NAME", help="dataset name, e.g. cluttered-fashion")
     info.add_argument("--data-path", help="folder holding the dataset's files")
-    info.add_argument("--split", default="train", choices=["train", "val", "test"])
+    info.add_argument("--split", default="train", choices=SPLITS)
     info.add_argument(
         "--set",
         dest="options",
@@ -58,8 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
     from spatial_entropy.data import build_dataset
+    from spatial_entropy.visualize import dataset_figure, save_figure
 
     try:
+        if args.grid_count < 1:  # checked before the (possibly slow) loading
+            raise ValueError(f"--grid-count must be >= 1, got {args.grid_count}")
         options = dict(parse_override(item) for item in args.options)
         dataset = build_dataset(
             args.name,
@@ -81,11 +84,10 @@ def run_info(args: argparse.Namespace) -> int:
         if args.masks:
             print(_mask_summary(dataset))
         if args.grid:
-            save_grid(dataset, args.grid, count=args.grid_count)
+            save_figure(dataset_figure(dataset, args.grid_count), args.grid)
             print(f"grid: {args.grid}")
     except (ValueError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"{PROG}: {exc}") from exc
     return 0
 
 
@@ -119,38 +121,3 @@ def _mask_summary(dataset: Any) -> str:
         f"masks: {len(shares)} images with masks; mean object share {mean:.4f} "
         f"(object / non-void pixels); {empty} without object pixels"
     )
-
-
-def save_grid(dataset: Any, path: str, *, count: int = 16) -> None:
-    """Save ``count`` evenly spaced items of ``dataset`` (un-normalised, titled with their class,
-    mask outlined in red when items carry one) as a PNG grid at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
-
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty; nothing to draw")
-    indices = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round())
-    columns = int(np.ceil(np.sqrt(len(indices))))
-    rows = int(np.ceil(len(indices) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
-    mean = torch.tensor(dataset.mean).view(-1, 1, 1)
-    std = torch.tensor(dataset.std).view(-1, 1, 1)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, index in zip(axes.ravel(), indices.astype(int).tolist(), strict=False):
-        image, label, *mask = dataset[index]
-        picture = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        axis.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
-        if mask:
-            # class maps (VOC): outline the objects, i.e. neither background (0) nor void (255)
-            inside = mask[0] if mask[0].dtype == torch.bool else (mask[0] > 0) & (mask[0] != 255)
-            axis.contour(inside.float().numpy(), levels=[0.5], colors="red", linewidths=0.6)
-        name = dataset.classes[label] if dataset.classes else str(label)
-        axis.set_title(name[:18], fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

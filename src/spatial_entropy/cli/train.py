@@ -58,14 +58,9 @@ def run(args: argparse.Namespace) -> int:
     path = args.config
     if path is None and resume and RunPaths(args.output).config.is_file():
         path = RunPaths(args.output).config  # the run's own config, changed only by --set
-    try:
-        config = load_config(path, args.overrides)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"spatial-entropy train: {exc}") from exc
-    try:
-        metrics = train(config, args.output, resume=resume, overwrite=args.overwrite)
-    except (OSError, ValueError) as exc:  # refusals; they write nothing
-        raise SystemExit(f"spatial-entropy train: {exc}") from exc
+    # Errors reach `spatial_entropy.cli.main`, which prints them as one line.
+    config = load_config(path, args.overrides)
+    metrics = train(config, args.output, resume=resume, overwrite=args.overwrite)
     print(
         f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
         f"({metrics['steps']} steps, {metrics['train_time_s']:.0f} s) -> {args.output}"

@@ -39,11 +39,17 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     """Decode the image at ``path`` fully and convert it to ``mode``.
 
     Decoding happens here, not lazily, so that a corrupt or truncated file fails with an error
-    naming it instead of somewhere inside a transform.
+    naming it instead of somewhere inside a transform. 16-bit greyscale images are scaled to
+    8 bits (not clipped).
     """
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I"):
+                # 16-bit greyscale (PNG): Pillow's convert clips every value above 255 to
+                # white; scale 0..65535 to 0..255 instead.
+                levels = np.asarray(image, dtype=np.float64) / 257.0
+                image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), "L")
             return image.convert(mode)
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"{path}: image file not found") from exc
@@ -140,10 +146,13 @@ class VisionDataset(Dataset):
     native_size: int | None = None
     """Side of every image when it is fixed (<= 64 selects the small-image recipe)."""
     mask_dtype: torch.dtype | None = None
-    """dtype of the masks; None: the dataset has no masks (datasets whose masks are optional,
-    such as imagefolder, leave it None on the class and set it on an instance with masks)."""
+    """dtype of the masks; None: the dataset has no masks (where masks are optional, as in
+    imagefolder, `has_masks` says whether a given root has them)."""
     mask_fill: ClassVar[int] = 0
     """Mask value for pixels that padding adds (0 = background; VOC uses 255 = void)."""
+    keyword_options: ClassVar[tuple[str, ...]] = ()
+    """Options that ``__init__`` takes through ``**kwargs`` (its named keywords are options
+    anyway), so that `dataset_options` can list and check them."""
 
     def __init__(self, split: str, *, with_masks: bool = False, skip_bad: bool = False) -> None:
         name = type(self).__name__
@@ -164,13 +173,26 @@ class VisionDataset(Dataset):
         """Per-item records of file-backed datasets (paths), aligned with ``targets``."""
         self.skipped_reasons: list[str] = []
 
+    def _grey_channels(self, in_chans: int, mean: float, std: float) -> None:
+        """For datasets of grey images: give them to the model as ``in_chans`` 1, or 3 (the
+        grey channel replicated, for RGB models), with ``mean``/``std`` repeated to match."""
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
+        self.in_chans = in_chans
+        self.mean, self.std = (mean,) * in_chans, (std,) * in_chans
+
+    def _grey_image(self, pixels: np.ndarray) -> Image.Image:
+        """A uint8 ``(H, W)`` grey array as a PIL image with ``in_chans`` channels."""
+        image = Image.fromarray(pixels, mode="L")
+        return image.convert("RGB") if self.in_chans == 3 else image
+
     @classmethod
     def has_masks(cls, root: str | os.PathLike | None, **options: Any) -> bool:
         """Whether the dataset at ``root`` with ``options`` can give masks (``with_masks``).
 
-        True when the dataset always has masks; datasets whose masks are optional (imagefolder)
-        look at ``root``. Code that wants masks wherever they exist (a run's evaluation) asks
-        this instead of failing on a dataset without them.
+        True when the dataset has masks (``mask_dtype``); datasets whose masks are optional
+        (imagefolder) also look at ``root``. Code that wants masks wherever they exist (a
+        run's evaluation) asks this instead of failing on a dataset without them.
         """
         return cls.mask_dtype is not None
 

@@ -18,12 +18,38 @@ from spatial_entropy.data.base import (
 )
 from spatial_entropy.data.registry import register_dataset
 
+# The only globals that CIFAR batches (Python 2 pickles of dicts, lists, bytes, str, int and
+# numpy arrays) or their Python 3 re-saves reference. numpy 2 calls `numpy.core` `numpy._core`.
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in protocol 2 pickles written by Python 3
+    }
+)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds: a plain pickle.load of a file
+    from an untrusted folder could call any importable function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module.replace("numpy._core.", "numpy.core.", 1), name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR batch holds only numpy arrays, "
+                "lists, dicts, bytes, str and int"
+            )
+        return super().find_class(module, name)
+
 
 def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             # latin1 reads the original Python 2 pickles; keys may then be str or bytes
-            content = pickle.load(f, encoding="latin1")
+            content = _BatchUnpickler(f, encoding="latin1").load()
     except FileNotFoundError as exc:
         raise DatasetNotFoundError(f"{path}: not found; expected a CIFAR pickle batch") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:

@@ -1,6 +1,6 @@
 """The cluttered Fashion-MNIST benchmark: seeded 64x64 scenes with an exact object mask.
 
-Each scene (see ../shared/benchmarks.md, section 2): a random crop of one of scikit-image's
+Each scene (see docs/benchmarks.md, section 2): a random crop of one of scikit-image's
 bundled photographs in grey, resized to the canvas and dimmed (x0.6); ``distractors`` (default 4)
 random 10x10 fragments of other Fashion-MNIST items of any class, placed so that each fragment's
 10x10 window covers at most ``max_overlap`` (10%) of object pixels; on top, one Fashion-MNIST
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import skimage.color
@@ -33,6 +35,7 @@ from PIL import Image
 from spatial_entropy.data.base import VisionDataset
 from spatial_entropy.data.fashion_mnist import CLASSES, default_cache_dir, load_fashion_mnist
 from spatial_entropy.data.registry import register_dataset
+from spatial_entropy.files import atomic_write
 
 BACKGROUNDS = (
     "astronaut",
@@ -60,6 +63,49 @@ ARRAY_NAMES = ("images", "labels", "masks", "boxes", "clutter", "distractor_boxe
 _SPLIT_STREAMS = {"train": 0, "test": 1}
 _CANDIDATES = 16  # positions tried per distractor before settling for the least overlap
 _CHUNK = 2048  # scenes rendered at once: bounds memory, leaves the random draws unchanged
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    """The scene recipe of cluttered-fashion (module doc): one definition for the generator,
+    its cache key and the dataset's options.
+
+    Attributes:
+        canvas: side of the square scene in pixels.
+        object_size: ``(low, high)``: the object's side is drawn from ``[low, high]`` pixels.
+        distractors: fragments of other items per scene (0: none).
+        fragment_size: side of a fragment in pixels, at most 28 (an item's side).
+        dim: brightness factor of the background photograph.
+        max_overlap: largest fraction of a fragment's window that may cover the object's mask
+            (kept whenever one of 16 candidate positions allows it, else the least covering).
+
+    Raises:
+        ValueError: if the object or the fragments do not fit the canvas.
+    """
+
+    canvas: int = 64
+    object_size: Sequence[int] = (24, 40)
+    distractors: int = 4
+    fragment_size: int = 10
+    dim: float = 0.6
+    max_overlap: float = 0.1
+
+    def __post_init__(self) -> None:
+        low, high = (int(v) for v in self.object_size)
+        object.__setattr__(self, "object_size", (low, high))
+        if not 1 <= low <= high <= self.canvas:
+            raise ValueError(
+                f"object_size must be (low, high) with 1 <= low <= high <= canvas={self.canvas}"
+            )
+        if not 1 <= self.fragment_size <= min(28, self.canvas) or self.distractors < 0:
+            raise ValueError(
+                "need distractors >= 0 and 1 <= fragment_size <= 28; got "
+                f"distractors={self.distractors}, fragment_size={self.fragment_size}"
+            )
+
+
+SCENE_OPTIONS = tuple(f.name for f in fields(SceneSettings))
+"""The keyword names of :class:`SceneSettings`, which the generator and the dataset accept."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,15 +138,11 @@ def _crop_resize(photo: np.ndarray, top, left, side, canvas: int) -> np.ndarray:
 
 
 def _render(
-    source: np.ndarray,
-    items: np.ndarray,
-    draws: dict[str, np.ndarray],
-    canvas: int,
-    fragment: int,
-    dim: float,
-    max_overlap: float,
+    source: np.ndarray, items: np.ndarray, draws: dict[str, np.ndarray], settings: SceneSettings
 ) -> dict[str, np.ndarray]:
     """Scenes of one chunk from the random draws already made for it (see `_draw`)."""
+    canvas, fragment, dim = settings.canvas, settings.fragment_size, settings.dim
+    max_overlap = settings.max_overlap
     n, num_distractors = draws["fragment_items"].shape
     photos = background_photos(2 * canvas)
     image = np.empty((n, canvas, canvas), np.float32)
@@ -199,15 +241,11 @@ def _render(
 
 
 def _draw(
-    rng: np.random.Generator,
-    labels: np.ndarray,
-    n: int,
-    canvas: int,
-    object_size: tuple[int, int],
-    distractors: int,
-    fragment: int,
+    rng: np.random.Generator, labels: np.ndarray, n: int, settings: SceneSettings
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """All random choices of a set, in one fixed order, so a seed fixes every byte."""
+    canvas, object_size = settings.canvas, settings.object_size
+    distractors, fragment = settings.distractors, settings.fragment_size
     num_classes = len(CLASSES)
     per_class = np.full(num_classes, n // num_classes)
     per_class[: n % num_classes] += 1
@@ -244,36 +282,17 @@ def _draw(
     return items, draws
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            np.savez_compressed(handle, **arrays)
-        os.chmod(handle.name, 0o644)  # temporary files are private; a cache may be shared
-        os.replace(handle.name, path)  # readers see the old file or the whole new one
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def generate_cluttered(
     n: int,
     split: str = "train",
     seed: int = 0,
     *,
     data_path: str | os.PathLike | None = None,
-    canvas: int = 64,
-    object_size: Sequence[int] = (24, 40),
-    distractors: int = 4,
-    fragment_size: int = 10,
-    dim: float = 0.6,
-    max_overlap: float = 0.1,
+    scene: SceneSettings | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache: bool = True,
     download: bool = True,
+    **settings: Any,
 ) -> dict[str, np.ndarray]:
     """Generate (or load from the cache) ``n`` cluttered scenes, a pure function of the arguments.
 
@@ -282,12 +301,11 @@ def generate_cluttered(
         split: Fashion-MNIST split the objects and fragments come from ("train" or "test").
         seed: generation seed; train and test draw from distinct streams of it.
         data_path: Fashion-MNIST location (see `find_fashion_mnist`).
-        canvas, object_size, distractors, fragment_size, dim: the scene recipe (module doc).
-        max_overlap: largest fraction of a fragment's window that may cover the object's mask
-            (kept whenever one of 16 candidate positions allows it, else the least covering).
+        scene: the scene recipe, see :class:`SceneSettings` (default: its defaults).
         cache_dir: where the ``.npz`` goes (default `default_cache_dir`); written to a
             temporary file then renamed, so concurrent runs never read half a file.
         cache: read/write the cache at all.
+        **settings: instead of ``scene``, its fields by name (``distractors=0, dim=0.0``).
 
     Returns:
         ``images`` (n, canvas, canvas) uint8, ``labels`` (n,) int64, ``masks`` (n, canvas,
@@ -296,33 +314,20 @@ def generate_cluttered(
         fragment pixels), ``distractor_boxes`` (n, distractors, 4) int16 fragment windows,
         ``source_index`` (n,) int64 index of the object in the Fashion-MNIST split.
     """
-    low, high = (int(v) for v in object_size)
+    if scene is not None and settings:
+        raise ValueError(f"give scene or its fields {sorted(settings)}, not both")
+    unknown = sorted(set(settings) - set(SCENE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown scene setting(s) {unknown}; expected some of {SCENE_OPTIONS}")
+    scene = scene if scene is not None else SceneSettings(**settings)
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"split must be 'train' or 'test' (Fashion-MNIST's); got {split!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1; got {n}")
-    if not 1 <= low <= high <= canvas:
-        raise ValueError(
-            f"object_size must be (low, high) with 1 <= low <= high <= canvas={canvas}"
-        )
-    if not 1 <= fragment_size <= min(28, canvas) or distractors < 0:
-        raise ValueError(
-            f"need distractors >= 0 and 1 <= fragment_size <= 28; got distractors={distractors}, "
-            f"fragment_size={fragment_size}"
-        )
     source, labels = load_fashion_mnist(split, data_path, download=download)
-    recipe = {
-        "version": GENERATOR_VERSION,
-        "n": n,
-        "split": split,
-        "seed": seed,
-        "canvas": canvas,
-        "object_size": [low, high],
-        "distractors": distractors,
-        "fragment_size": fragment_size,
-        "dim": dim,
-        "max_overlap": max_overlap,
-    }
+    # the cache key: every setting of the scenes, and the generator's version
+    recipe = {"version": GENERATOR_VERSION, "n": n, "split": split, "seed": seed}
+    recipe |= asdict(scene)
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode())
     digest.update(source.tobytes())
     digest.update(labels.tobytes())
@@ -330,22 +335,19 @@ def generate_cluttered(
     path = path / f"{split}-n{n}-seed{seed}-{digest.hexdigest()[:16]}.npz"
     if cache and path.is_file():
         try:
-            with np.load(path) as stored:
+            with np.load(path, allow_pickle=False) as stored:
                 return {name: stored[name] for name in ARRAY_NAMES}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             warnings.warn(f"{path}: unreadable cache ({exc}); generating again", stacklevel=2)
 
     rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
-    items, draws = _draw(rng, labels, n, canvas, (low, high), distractors, fragment_size)
+    items, draws = _draw(rng, labels, n, scene)
     parts = [
         _render(
             source,
             items[start : start + _CHUNK],
             {key: value[start : start + _CHUNK] for key, value in draws.items()},
-            canvas,
-            fragment_size,
-            dim,
-            max_overlap,
+            scene,
         )
         for start in range(0, n, _CHUNK)
     ]
@@ -355,7 +357,10 @@ def generate_cluttered(
     arrays = {name: arrays[name] for name in ARRAY_NAMES}
     if cache:
         try:
-            _save_atomically(path, arrays)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            atomic_write(path, buffer.getvalue(), mode=0o644)  # a cache may be shared
         except OSError as exc:
             warnings.warn(f"{path}: cannot write the cache ({exc}); continuing", stacklevel=2)
     return arrays
@@ -370,11 +375,13 @@ class ClutteredFashion(VisionDataset):
     ``test`` name the fixed test set of ``test_size`` scenes (default 2000) from Fashion-MNIST's
     test split. Both are generated with ``generation_seed`` and cached in ``cache_dir``, else
     ``data_path``, else `default_cache_dir`. Masks are the bool object masks; ``in_chans=3``
-    replicates the grey channel.
+    replicates the grey channel. The scene recipe's fields (:class:`SceneSettings`:
+    ``distractors``, ``dim``, ...) are options too.
     """
 
     splits = {"train": "train", "val": "test", "test": "test"}
     mask_dtype = torch.bool
+    keyword_options = SCENE_OPTIONS
     # measured over the default 2000-scene test set (generation_seed 0)
     grey_mean, grey_std = 0.3329, 0.2060
 
@@ -388,44 +395,30 @@ class ClutteredFashion(VisionDataset):
         train_per_class: int = 1000,
         test_size: int = 2000,
         generation_seed: int = 0,
-        canvas: int = 64,
-        object_size: Sequence[int] = (24, 40),
-        distractors: int = 4,
-        fragment_size: int = 10,
-        dim: float = 0.6,
-        max_overlap: float = 0.1,
         in_chans: int = 1,
         cache_dir: str | os.PathLike | None = None,
         download: bool = True,
+        **settings: Any,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
+        self._grey_channels(in_chans, self.grey_mean, self.grey_std)
+        scene = SceneSettings(**settings)
         source_split = self.splits[split]
         self.arrays = generate_cluttered(
             train_per_class * len(CLASSES) if source_split == "train" else test_size,
             source_split,
             generation_seed,
             data_path=root,
-            canvas=canvas,
-            object_size=object_size,
-            distractors=distractors,
-            fragment_size=fragment_size,
-            dim=dim,
-            max_overlap=max_overlap,
+            scene=scene,
             cache_dir=cache_dir or root,
             download=download,
         )
-        self.native_size = canvas
-        self.in_chans = in_chans
-        self.mean, self.std = (self.grey_mean,) * in_chans, (self.grey_std,) * in_chans
+        self.native_size = scene.canvas
         self.classes = list(CLASSES)
         self.targets = self.arrays["labels"].tolist()
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image | None]:
-        image = Image.fromarray(self.arrays["images"][index], mode="L")
-        if self.in_chans == 3:
-            image = image.convert("RGB")
+        image = self._grey_image(self.arrays["images"][index])
         mask = None
         if self.with_masks:
             mask = Image.fromarray(self.arrays["masks"][index].astype(np.uint8), mode="L")

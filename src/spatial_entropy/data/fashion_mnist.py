@@ -120,9 +120,10 @@ def find_fashion_mnist(
 
             FashionMNIST(str(target), train=True, download=True)
         except Exception as exc:  # no network, proxy, disk full: all end in the same advice
+            # What to do first: the download's own error is long and says little.
             raise DatasetNotFoundError(
-                f"Fashion-MNIST not found and the download into {target} failed ({exc}); "
-                f"{HOW_TO_GET}"
+                f"Fashion-MNIST not found; {HOW_TO_GET}. Downloading it into {target} failed "
+                f"too ({exc})"
             ) from exc
         return target / "FashionMNIST" / "raw"
     searched = ", ".join(str(d) for d in _candidate_dirs(data_path))
@@ -196,10 +197,7 @@ class FashionMNIST(VisionDataset):
         download: bool = True,
     ) -> None:
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grey) or 3 (replicated RGB); got {in_chans}")
-        self.in_chans = in_chans
-        self.mean, self.std = (0.2860,) * in_chans, (0.3530,) * in_chans
+        self._grey_channels(in_chans, 0.2860, 0.3530)
         self.classes = list(CLASSES)
         folder = find_fashion_mnist(root, download=download)
         images_path, labels_path = fashion_mnist_files(folder, self.splits[split])
@@ -218,5 +216,4 @@ class FashionMNIST(VisionDataset):
         self._report_skipped()
 
     def load(self, index: int) -> tuple[Image.Image, None]:
-        image = Image.fromarray(self.images[index], mode="L")
-        return (image.convert("RGB") if self.in_chans == 3 else image), None
+        return self._grey_image(self.images[index]), None

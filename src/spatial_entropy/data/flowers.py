@@ -25,8 +25,12 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
     require_path(path, "one of Flowers-102's official .mat files")
     try:
         content = scipy.io.loadmat(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise DatasetError(f"{path}: cannot read ({exc}); expected a MATLAB .mat file") from exc
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        # NotImplementedError: a MATLAB -v7.3 (HDF5) file, which scipy does not read
+        raise DatasetError(
+            f"{path}: cannot read ({exc}); expected a MATLAB .mat file up to v7 (the published "
+            "files are v5; re-save a v7.3 one with -v7)"
+        ) from exc
     if key not in content:
         raise DatasetError(f"{path}: no variable {key!r}; expected one holding integers")
     return np.asarray(content[key]).astype(np.int64).ravel()

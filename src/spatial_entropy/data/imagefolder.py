@@ -49,10 +49,7 @@ class ImageFolder(VisionDataset):
 
     splits = {"train": "train", "val": "val", "test": "test"}
     mask_fill = VOID
-    # None for the class: masks are optional here (see has_masks), and code that asks every
-    # dataset with a mask_dtype for masks (load_run) must leave mask-less trees alone; an
-    # instance asked for masks sets it.
-    mask_dtype = None
+    mask_dtype = torch.uint8  # masks are optional here: has_masks says where they exist
 
     def __init__(
         self,
@@ -65,8 +62,6 @@ class ImageFolder(VisionDataset):
         masks_path: str | os.PathLike | None = None,
         void_value: int | None = None,
     ) -> None:
-        if with_masks:
-            self.mask_dtype = torch.uint8
         super().__init__(split, with_masks=with_masks, skip_bad=skip_bad)
         if void_value is not None and (not isinstance(void_value, int) or void_value <= 0):
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Callable
@@ -9,12 +10,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from spatial_entropy.choices import SPLITS
 from spatial_entropy.data.base import VisionDataset
 from spatial_entropy.data.subsets import stratified_subset
 from spatial_entropy.data.transforms import build_transform
 
 _DATASETS: dict[str, type[VisionDataset]] = {}
-SPLITS = ("train", "val", "test")
 # keyword arguments every dataset class takes; the rest of its keywords are its `options`
 _COMMON = {"self", "root", "split", "with_masks", "skip_bad"}
 
@@ -39,14 +40,20 @@ def dataset_names() -> list[str]:
 def dataset_class(name: str) -> type[VisionDataset]:
     """The class registered as ``name``; ValueError listing the names if there is none."""
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
+        close = difflib.get_close_matches(name, dataset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; expected one of {dataset_names()}")
     return _DATASETS[name]
 
 
 def dataset_options(name: str) -> list[str]:
-    """Dataset-specific option names of ``name`` (what `build_dataset`'s ``options`` accepts)."""
-    parameters = inspect.signature(dataset_class(name).__init__).parameters
-    return [p for p in parameters if p not in _COMMON]
+    """Dataset-specific option names of ``name`` (what `build_dataset`'s ``options`` accepts):
+    the keywords of its ``__init__``, and for a ``**kwargs`` the names its class lists in
+    ``keyword_options``."""
+    cls = dataset_class(name)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    named = [p.name for p in parameters if p.name not in _COMMON and p.kind != p.VAR_KEYWORD]
+    return named + list(cls.keyword_options)
 
 
 def build_dataset(

@@ -1,0 +1,21 @@
+"""The allowed values of the string options, defined once.
+
+The config, the command line's parser and the library check against these tuples. This module
+imports nothing, so the parser and the config use it without loading torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AMP_MODES", "DEVICES", "SCHEDULES", "SPLITS"]
+
+SCHEDULES = ("constant", "warmup_cosine")
+"""Schedules of the spatial-entropy weight λ(t), see ``entropy.se_weight``."""
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+"""Mixed precision of training, see ``engine.autocast_dtype``."""
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Where to run; ``"auto"`` is CUDA when available, see ``distributed.resolve_device``."""
+
+SPLITS = ("train", "val", "test")
+"""Dataset splits that every dataset answers to, see ``data.build_dataset``."""

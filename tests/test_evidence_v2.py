@@ -1,0 +1,210 @@
+"""The second benchmark protocol's bookkeeping: pilot rule, λ selection, record, seed order,
+hypotheses. No training: the training and data functions are replaced by fakes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.models import create_model
+
+
+@pytest.fixture(scope="module")
+def ev(load_benchmark):
+    return load_benchmark("evidence_v2")
+
+
+def row(epoch: int, loss: float, top1: float | None = None) -> dict:
+    return {"epoch": epoch, "train_loss": loss, "train_top1": top1}
+
+
+def test_choose_epochs_training_accuracy(ev) -> None:
+    # loss falls 10 % an epoch (never a plateau); top-1 evaluated every 5 epochs
+    top1 = {5: 60.0, 10: 80.0, 15: 96.0, 20: 99.0}
+    log = [row(e, 2.0 * 0.9**e, top1.get(e)) for e in range(1, 21)]
+    epochs, reason = ev.choose_epochs(log, 20)
+    assert epochs == 15 and "96.0" in reason
+
+
+def test_choose_epochs_plateau(ev) -> None:
+    # max 20 epochs: window 2. Means of consecutive windows, by hand: epoch 7 compares
+    # (1.0 + 1.0) / 2 = 1.0 with (1.1 + 1.0) / 2 = 1.05 (fell 4.8 %: no); epoch 8 compares
+    # 1.0 with 1.0 (fell 0 % < 1 %: plateau).
+    losses = [2.0, 1.6, 1.3, 1.1] + [1.0] * 16
+    log = [row(e + 1, loss, 50.0 if e % 5 == 4 else None) for e, loss in enumerate(losses)]
+    epochs, reason = ev.choose_epochs(log, 20)
+    assert epochs == 8 and "plateau" in reason
+
+
+def test_choose_epochs_neither(ev) -> None:
+    log = [row(e, 2.0 * 0.9**e, 50.0) for e in range(1, 21)]
+    assert ev.choose_epochs(log, 20) == (20, "neither criterion met: the pilot's full length")
+
+
+def test_carve_is_deterministic_stratified_and_disjoint(ev) -> None:
+    targets = [c for c in range(10) for _ in range(50)]
+    fit, val = ev.carve(targets, seed=3)
+    assert (fit, val) == ev.carve(targets, seed=3)
+    assert ev.carve(targets, seed=4)[1] != val
+    assert sorted(fit + val) == list(range(500)) and not set(fit) & set(val)
+    assert all(sum(targets[i] == c for i in val) == 10 for c in range(10))
+
+
+class FakeSet:
+    """A training subset as build_dataset returns it: only ``targets`` matter here."""
+
+    def __init__(self, n_per_class: int) -> None:
+        self.targets = [c for c in range(10) for _ in range(n_per_class)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def test_select_lambda_uses_validation_never_test(ev, tmp_path, monkeypatch) -> None:
+    splits, seen = [], []
+    scores = {0.01: 50.0, 0.03: 70.0, 0.1: 60.0}
+
+    def fake_build_dataset(name, split, **kwargs):
+        splits.append(split)
+        return FakeSet(kwargs["n_per_class"])
+
+    def fake_train(config, run_dir, resume=False, datasets=None):
+        fit, val = datasets
+        seen.append((set(fit.indices), set(val.indices)))
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"top1": scores[config.se.weight]}))
+
+    monkeypatch.setattr(ev, "build_dataset", fake_build_dataset)
+    monkeypatch.setattr(ev, "train", fake_train)
+    chosen = ev.select_lambda(ev.Size(50, 3, 1), 0, tmp_path, "cpu")
+    assert chosen == {"lambda": 0.03, "val_top1": {"0.01": 50.0, "0.03": 70.0, "0.1": 60.0}}
+    assert set(splits) == {"train"}  # neither "test" nor "val" (the test scenes) is built
+    for fit, val in seen:
+        assert len(fit) == 400 and len(val) == 100 and not fit & val
+    # read back, not retrained; a tie goes to the smaller λ
+    scores.update({0.01: 70.0})
+    tied = tmp_path / "tied"
+    assert ev.select_lambda(ev.Size(50, 3, 1), 0, tied, "cpu")["lambda"] == 0.01
+    assert len(seen) == 6
+
+
+def test_pending_skips_recorded_runs_in_seed_order(ev) -> None:
+    record = {"pilot": {"50": {"epochs": 30}}, "runs": [
+        {"n_per_class": 50, "arm": "baseline", "seed": 0}]}  # fmt: skip
+    pilots, runs = ev.pending(record, [50, 100], ["baseline", "se"], 2)
+    assert [(s.n_per_class, s.epochs, a) for s, a, _ in pilots] == [(100, 200, "pilot")]
+    assert [(s.n_per_class, s.epochs, a, k) for s, a, k in runs] == [
+        (50, 30, "se", 0), (50, 30, "baseline", 1), (50, 30, "se", 1)]  # fmt: skip
+    record["pilot"]["100"] = {"epochs": 12}
+    _, runs = ev.pending(record, [50, 100], ["baseline", "se"], 2)
+    order = ev.seed_order(["baseline", "se"])
+    assert [(s.n_per_class, a, k) for s, a, k in sorted(runs, key=order)] == [
+        (50, "se", 0), (100, "baseline", 0), (100, "se", 0),
+        (50, "baseline", 1), (50, "se", 1), (100, "baseline", 1), (100, "se", 1)]  # fmt: skip
+
+
+def fake_result(size, arm, seed) -> dict:
+    if arm == "pilot":
+        return {"n_per_class": size.n_per_class, "max_epochs": size.epochs, "epochs": 7,
+                "reason": "test", "top1": 99.0, "steps": 1, "train_time_s": 1.0,
+                "device": "cpu", "log": []}  # fmt: skip
+    return {"n_per_class": size.n_per_class, "epochs": size.epochs, "arm": arm, "seed": seed,
+            "steps": 1, "top1": 50.0 + seed, "train_top1": 90.0, "gap": 40.0 - seed,
+            "jaccard": None, "se_mean": None}  # fmt: skip
+
+
+def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
+    results = tmp_path / "record.json"
+    calls = []
+
+    def fake_run_arm(size, arm, seed, work_dir, variant, device):
+        # every run finished before this one is already in the record on disk
+        on_disk = json.loads(results.read_text()) if results.is_file() else {"runs": []}
+        calls.append((size.n_per_class, arm, seed, len(on_disk["runs"])))
+        return fake_result(size, arm, seed)
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    common = ["--sizes", "50", "--arms", "baseline", "se", "--results", str(results)]
+    monkeypatch.setattr(sys, "argv", ["evidence_v2", *common, "--seeds", "2",
+                                      "--work-dir", str(tmp_path / "machine1")])  # fmt: skip
+    ev.main()
+    assert calls == [(50, "pilot", 0, 0), (50, "baseline", 0, 0), (50, "se", 0, 1),
+                     (50, "baseline", 1, 2), (50, "se", 1, 3)]  # fmt: skip
+    record = json.loads(results.read_text())
+    assert record["pilot"]["50"]["epochs"] == 7 and len(record["runs"]) == 4
+    assert all(r["epochs"] == 7 for r in record["runs"])  # the pilot's choice, frozen
+    # a fresh machine (another work dir) with one more seed: only seed 2 is run
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["evidence_v2", *common, "--seeds", "3",
+                                      "--work-dir", str(tmp_path / "machine2")])  # fmt: skip
+    ev.main()
+    assert [c[:3] for c in calls] == [(50, "baseline", 2), (50, "se", 2)]
+    assert len(json.loads(results.read_text())["runs"]) == 6
+    assert "0 still to do" in capsys.readouterr().out
+
+
+def test_record_of_another_protocol_is_refused(ev, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "record.json"
+    ev.save_record(ev.load_record(path), path)
+    assert ev.load_record(path)["runs"] == []
+    monkeypatch.setattr(ev, "VAL_FRACTION", 0.3)
+    with pytest.raises(ValueError, match="val_fraction"):
+        ev.load_record(path)
+
+
+def test_drloc_arms_use_the_benchmark_rule_at_the_14x14_grid(ev) -> None:
+    # the reference λ 0.1 times gh / 2 (drloc_loss's scale note), gh = 14 for every arm's model
+    for name in (ev.VIT, ev.CONV_STEM, ev.CONVIT):
+        grid = create_model(name, num_classes=10, in_chans=1).patch_embed.grid_size
+        assert tuple(grid) == (ev.GRID_SIDE, ev.GRID_SIDE)
+    table = ev.arms()
+    assert table["drloc"]["drloc"] == {"weight": pytest.approx(0.1 * 14 / 2)}
+    assert table["drloc"]["se"]["weight"] == 0.0
+    assert table["se_drloc"]["se"]["weight"] == 0.01
+
+
+def result(n, arm, seed, top1, jaccard) -> dict:
+    return {"n_per_class": n, "epochs": 9, "arm": arm, "seed": seed, "steps": 9, "top1": top1,
+            "train_top1": 100.0, "gap": 100.0 - top1, "jaccard": jaccard, "se_mean": 0.2,
+            "regions_mean": 2.0}  # fmt: skip
+
+
+def test_attention_capture_per_arm_model(ev) -> None:
+    # Jaccard, SE and regions need the [CLS] attention of every arm's model, ConViT's included.
+    for name in (ev.VIT, ev.CONV_STEM, ev.CONVIT):
+        model = create_model(name, num_classes=10, in_chans=1)
+        with AttentionCapture(model) as capture:
+            model(torch.zeros(1, 1, 56, 56))
+        assert capture.grid_shape == (14, 14) and capture.logits.shape[-1] == 196
+
+
+def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
+    runs = []
+    for seed, base in enumerate((40.0, 42.0, 44.0)):  # baseline seed std 2
+        runs.append(result(50, "baseline", seed, base, 0.30))
+        # se: +3 every seed (interval [+3, +3]: H1 held, but 3 < 2 x 2: no "gain > 2 sd")
+        runs.append(result(50, "se", seed, base + 3, (0.31, 0.29, 0.30)[seed]))
+        runs.append(result(50, "convit", seed, base + 4, None))  # se - convit = -1: failed
+        # se - conv_stem = 0, +1, -1: mean 0, "at least as good": held
+        runs.append(result(50, "conv_stem", seed, base + (3, 2, 4)[seed], 0.3))
+    runs += [result(100, "baseline", 0, 50.0, 0.3), result(100, "se", 0, 51.0, 0.3)]
+    verdicts = {(name, n): (verdict, evidence) for name, n, verdict, evidence in
+                ev.hypotheses(runs)}  # fmt: skip
+    assert verdicts[("H1", 50)][0] == "held"
+    assert "[+3.0, +3.0]" in verdicts[("H1", 50)][1]
+    assert verdicts[("H1", 50)][1].endswith("(4.0)? False")
+    assert verdicts[("H2 vs convit", 50)][0] == "failed"
+    assert verdicts[("H2 vs conv_stem", 50)][0] == "held"
+    # Δ Jaccard +0.01, -0.01, 0: interval around 0
+    assert verdicts[("H3", 50)][0] == "inconclusive"
+    assert verdicts[("H1", 100)] == ("not evaluable", "1 paired seed(s)")
+    text = ev.report({"pilot": {}, "runs": runs})
+    assert "| 50 | convit | 3 | 9 | 9 | 46.0 ± 2.0 | 100.0 ± 0.0 | 54.0 ± 2.0 | n/a |" in text
+    assert "- H1, n = 50: **held**" in text
+    ev.write_report({"pilot": {}, "runs": runs}, tmp_path / "record.json")
+    assert (tmp_path / "record.md").read_text() == text + "\n"
+    assert (tmp_path / "record.png").stat().st_size > 0
