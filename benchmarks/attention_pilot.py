@@ -68,7 +68,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     if not (run_dir / "metrics.json").is_file():
         config = load_config(values=recipe(args) | ARMS[name])
         start = time.perf_counter()
-        train(config, run_dir, resume=(run_dir / "checkpoints").is_dir())
+        train(config, run_dir, resume=True)  # starts the run when it has no checkpoint
         print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evaluated = evaluate_run(run_dir, "test", device="cpu", attention=True, mass=0.6)

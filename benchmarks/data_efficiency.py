@@ -197,7 +197,7 @@ def run_one(
         return json.loads(result_path.read_text())
     config = load_config(values=recipe(size, seed, variant, device) | ARMS[arm])
     if not (run_dir / "metrics.json").is_file():
-        train(config, run_dir, resume=(run_dir / "checkpoints").is_dir())
+        train(config, run_dir, resume=True)  # starts the run when it has no checkpoint
     metrics = json.loads((run_dir / "metrics.json").read_text())
     attention = evaluate_run(run_dir, "test", device=device, attention=True, mass=0.6)
     result = {

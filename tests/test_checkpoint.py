@@ -1,6 +1,5 @@
 """Tests of atomic checkpoints, safe loading and RNG state capture."""
 
-import pickle
 import random
 
 import numpy as np
@@ -11,6 +10,7 @@ from torch import nn
 from spatial_entropy.checkpoint import (
     RankState,
     TrainState,
+    UnreadableFileError,
     atomic_write,
     get_rng_state,
     latest_checkpoint,
@@ -109,7 +109,9 @@ class _Payload:
 def test_loading_never_unpickles_code(tmp_path):
     save_checkpoint(tmp_path, 1, _model(), {"step": 1})
     torch.save({"step": 1, "evil": _Payload()}, tmp_path / "step_00000001.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(
+        UnreadableFileError, match="step_00000001.pt: it holds objects besides tensors"
+    ):
         load_checkpoint(latest_checkpoint(tmp_path))
 
 

@@ -25,6 +25,8 @@ __all__ = [
     "save_config",
     "config_keys",
     "parse_override",
+    "RESUMABLE_KEYS",
+    "config_changes",
 ]
 
 
@@ -208,6 +210,37 @@ class TrainConfig:
 
         input_size = get_pretrained_cfg_value(self.model, "input_size")
         return None if input_size is None else input_size[-1]
+
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    # The run's length. The schedules (learning rate, se.weight) are functions of `epochs`:
+    # a longer `epochs` makes them follow the longer run from the resumed step on; `max_steps`
+    # leaves them as they are (an exact continuation).
+    "epochs",
+    "max_steps",
+    # Where the same data lie (e.g. a copy on a node's local disk).
+    "data_path",
+    # How the run is carried out, not what it computes (resume stays exact with any of these,
+    # on the same device type).
+    "num_workers",
+    "device",
+    "compile",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "log_every",
+)
+"""The config keys that a resumed run may change; every other key must keep its value."""
+
+
+def config_changes(saved: TrainConfig, requested: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, requested value)}`` for the keys whose values differ."""
+    before, after = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(requested))
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
 
 
 def _fields(cls: type) -> dict[str, Any]:

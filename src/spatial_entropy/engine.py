@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,19 @@ from spatial_entropy.attention import AttentionCapture, unwrap_model
 from spatial_entropy.checkpoint import (
     RankState,
     TrainState,
-    latest_checkpoint,
+    UnreadableFileError,
+    checkpoints_to_resume,
     load_checkpoint,
     save_checkpoint,
     save_weights,
 )
-from spatial_entropy.config import TrainConfig, save_config
+from spatial_entropy.config import (
+    RESUMABLE_KEYS,
+    TrainConfig,
+    config_changes,
+    load_config,
+    save_config,
+)
 from spatial_entropy.data import build_dataset
 from spatial_entropy.distributed import (
     DistributedInfo,
@@ -53,7 +61,7 @@ from spatial_entropy.regularizers import (
     SpatialEntropyRegularizer,
 )
 from spatial_entropy.rng import get_rng_state, set_rng_state
-from spatial_entropy.runs import RunPaths
+from spatial_entropy.runs import RunPaths, write_json
 
 __all__ = [
     "train",
@@ -149,8 +157,7 @@ class TrainingRun:
         return TrainState(
             epoch=epoch, batch=batch, step=self.step, elapsed=elapsed, best=best,
             global_batch=self.config.batch_size * self.info.world_size,
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             ema=None if self.ema is None else self.ema.state_dict(), ranks=ranks,
             regularizer_modules={
                 reg.name: unwrap_model(reg.module).state_dict()
@@ -414,8 +421,11 @@ def build_training_run(
         for name, module in modules.items():
             module.load_state_dict(state.regularizer_modules[name])
         optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        scaler.load_state_dict(state.scaler)
+        # The schedule is a function of the config and the step (not restored): the same
+        # learning rate as saved, or the one of a longer run when `epochs` was raised.
+        scheduler.step_update(state.step)
+        if state.scaler:  # empty when saved without fp16 (`device` may change on resume)
+            scaler.load_state_dict(state.scaler)
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
@@ -433,8 +443,20 @@ def build_training_run(
     )  # fmt: skip
 
 
+def _logged_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``log.csv`` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class RunLog:
-    """Per-epoch rows in ``log.csv`` (and TensorBoard if installed); main process only."""
+    """Per-epoch rows in ``log.csv`` (and TensorBoard if installed); main process only.
+
+    The rows of epochs before ``first_epoch`` are kept; the others will run again (after a
+    resume) and are dropped. The file is rewritten at each :meth:`append` only.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, first_epoch: int) -> None:
         self.path = RunPaths(run_dir).log
@@ -442,12 +464,7 @@ class RunLog:
         self.tensorboard = None
         if not enabled:
             return
-        # Rows of epochs that will run again (after a resume) are dropped.
-        self.rows: list[dict[str, str]] = []
-        if self.path.exists() and first_epoch > 0:
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < first_epoch]
-        self._write()
+        self.rows = [r for r in _logged_rows(self.path) if int(r["epoch"]) < first_epoch]
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional
@@ -486,6 +503,7 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     datasets: tuple[Dataset, Dataset] | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says and write the run to ``run_dir``; return the final metrics.
@@ -493,15 +511,31 @@ def train(
     ``run_dir`` receives ``config.yaml``, ``log.csv``, ``checkpoints/``, and at the end
     ``model.safetensors`` (the trained weights; ``model_ema.safetensors`` too with EMA) and
     ``metrics.json``. The regularisers' trainable modules (the DRLoc head) are saved only in
-    the checkpoints. With ``resume``, training continues from the latest checkpoint (mid-epoch
-    included), reproducing the uninterrupted run bit for bit. ``datasets`` replaces
-    ``(train, val)`` built from the config; each needs ``num_classes`` and ``in_chans``.
+    the checkpoints. Nothing is written before the config, the data and the model have been
+    built. ``datasets`` replaces ``(train, val)`` built from the config; each needs
+    ``num_classes`` and ``in_chans``.
+
+    With ``resume``, training continues from the latest readable checkpoint (mid-epoch
+    included), reproducing the uninterrupted run bit for bit; ``config`` may differ from
+    ``RUN_DIR/config.yaml`` only in :data:`~spatial_entropy.config.RESUMABLE_KEYS`. A run that
+    has already done the steps ``config`` asks for is left as it is (its metrics are returned).
+    Without ``resume``, a ``run_dir`` that holds a run is refused unless ``overwrite``, which
+    deletes that run's files (:meth:`RunPaths.remove_run`) before the new run writes its own.
 
     Under torchrun, every process calls this; only rank 0 writes files.
+
+    Raises:
+        FileExistsError: ``run_dir`` holds a run, and neither ``resume`` nor ``overwrite``.
+        ValueError: a resume that would change a key outside ``RESUMABLE_KEYS``, shorten the
+            run, or change the global batch; ``UnreadableFileError`` when no checkpoint can be
+            read.
+        FloatingPointError: the training or validation loss is not finite.
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
     info = init_distributed(config.device)
     try:
-        return _train(config, Path(run_dir), info, resume, datasets)
+        return _train(config, Path(run_dir), info, resume, overwrite, datasets)
     finally:
         cleanup_distributed()
 
@@ -511,13 +545,25 @@ def _train(
     run_dir: Path,
     info: DistributedInfo,
     resume: bool,
+    overwrite: bool,
     datasets: tuple[Dataset, Dataset] | None,
 ) -> dict[str, Any]:
     paths = RunPaths(run_dir)
-    resumed = _read_checkpoint_to_resume(paths, resume, cfg.batch_size, info)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, paths.config)
+    # The checks only read: a refused command leaves run_dir as it was.
+    resumed = None
+    if resume:
+        _check_resumable_config(paths, cfg)
+        resumed = _read_checkpoint_to_resume(paths, cfg.batch_size, info)
+        if resumed is None and paths.run_files():
+            finished = _resume_without_checkpoint(paths, cfg, info)
+            if finished is not None:
+                return finished
+    elif paths.run_files() and not overwrite:
+        names = ", ".join(path.name for path in paths.run_files())
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({names}); pass --resume auto to continue it, "
+            "--overwrite to delete it and start again, or choose another --output"
+        )
     train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
     train_loader = build_train_loader(
         train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
@@ -527,11 +573,45 @@ def _train(
         cfg, info, train_set.num_classes, train_set.in_chans, len(train_loader),
         None if resumed is None else resumed[1:],
     )  # fmt: skip
+    try:
+        return _train_run(run, paths, train_loader, val_loader, resumed)
+    finally:
+        for reg in run.regularizers:
+            reg.remove()
+
+
+def _train_run(
+    run: TrainingRun,
+    paths: RunPaths,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    resumed: tuple[Path, dict[str, Tensor], TrainState] | None,
+) -> dict[str, Any]:
+    """Train ``run`` from its resumed state to ``run.total_steps`` and write the run's files."""
+    cfg, info = run.config, run.info
+    stem, state = (None, TrainState()) if resumed is None else (resumed[0], resumed[2])
+    if state.step > run.total_steps:
+        raise ValueError(
+            f"{stem} is at step {state.step}, beyond the {run.total_steps} steps that epochs "
+            f"{cfg.epochs} and max_steps {cfg.max_steps} give: a run is not shortened"
+        )
+    if state.step == run.total_steps and _has_final_files(paths, cfg):
+        if info.is_main:
+            print(
+                f"{paths.root} has finished ({state.step} steps); nothing to do (a larger "
+                "max_steps or epochs continues it)"
+            )
+        return json.loads(paths.metrics.read_text())
+    if info.is_main:  # the first write to the run directory
+        if resumed is None:  # no file of an earlier run stays (overwrite, or no checkpoint yet)
+            paths.remove_run()
+        for stale in paths.stale_temporaries():
+            stale.unlink()
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
     # Training randomness (dropout, drop path, Mixup) differs per rank, as in DeiT.
     random_seed(cfg.seed, info.rank)
-    state = TrainState()
     if resumed is not None:
-        stem, _, state = resumed
         run.restore_rank_state(state)
         if info.is_main:
             print(f"resumed from {stem} (epoch {state.epoch}, step {state.step})")
@@ -552,7 +632,7 @@ def _train(
         if every and run.step % every == 0 and batch < run.steps_per_epoch:
             save(epoch, batch)
 
-    log = RunLog(run_dir, info.is_main, state.epoch)
+    log = RunLog(paths.root, info.is_main, state.epoch)
     start_batch, val, ema_val, train_stats = state.batch, None, None, {}
     for epoch in range(state.epoch, cfg.epochs):
         if run.step >= run.total_steps:
@@ -572,47 +652,118 @@ def _train(
         start_batch = 0
     log.close()
 
-    if val is None:  # the run had already finished when it was resumed
+    if val is None:  # killed after its last checkpoint: the run ends without training
         val, ema_val = _evaluate_all(run, val_loader)
+        train_stats = _last_logged_train_stats(paths.log) if info.is_main else {}
     metrics = _final_metrics(run, val, ema_val, train_stats, best, time.perf_counter() - clock)
     if info.is_main:
         save_weights(unwrap_model(run.model), paths.weights)
         if run.ema is not None:
             save_weights(run.ema.module, paths.ema_weights)
-        atomic_write(paths.metrics, json.dumps(metrics, indent=2).encode())
-    for reg in run.regularizers:
-        reg.remove()
+        write_json(paths.metrics, metrics)
     return metrics
 
 
-def _read_checkpoint_to_resume(
-    paths: RunPaths, resume: bool, batch_size: int, info: DistributedInfo
-) -> tuple[Path, dict[str, Tensor], TrainState] | None:
-    """``(stem, weights, state)`` of the checkpoint that ``RUN_DIR/checkpoints/latest`` names,
-    or None in a new run.
+def _has_final_files(paths: RunPaths, cfg: TrainConfig) -> bool:
+    """Whether the files that a run writes when it ends are there."""
+    final = [paths.metrics, paths.weights] + ([paths.ema_weights] if cfg.model_ema else [])
+    return all(path.is_file() for path in final)
+
+
+def _last_logged_train_stats(log: Path) -> dict[str, float]:
+    """The training statistics of the last row of ``log.csv`` (as :func:`train_one_epoch`
+    returned them), for a run whose last epoch was logged in an earlier session."""
+    rows = _logged_rows(log)
+    if not rows:
+        return {}
+    return {
+        key: float(value)
+        for key, value in rows[-1].items()
+        if value != "" and (key.startswith("train_") or key == "images_per_s")
+    }
+
+
+def _check_resumable_config(paths: RunPaths, cfg: TrainConfig) -> None:
+    """Refuse a resume whose config changes a key outside :data:`RESUMABLE_KEYS`.
 
     Raises:
-        FileExistsError: the run has checkpoints but ``resume`` is False (a run is never
-            overwritten by accident).
+        ValueError: names each such key with the run's value and the requested one.
+    """
+    if not paths.config.is_file():
+        return
+    changes = config_changes(load_config(paths.config), cfg)
+    fixed = {key: values for key, values in changes.items() if key not in RESUMABLE_KEYS}
+    if fixed:
+        listed = "; ".join(f"{k!r}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+        raise ValueError(
+            f"a resumed run may change only {', '.join(RESUMABLE_KEYS)}; this one would change "
+            f"{paths.config}'s {listed}"
+        )
+
+
+def _resume_without_checkpoint(
+    paths: RunPaths, cfg: TrainConfig, info: DistributedInfo
+) -> dict[str, Any] | None:
+    """A resume of a run directory that holds no checkpoint: the metrics of a finished run
+    that is asked for nothing more, or None to start from step 0 when nothing would be lost.
+
+    Raises:
+        ValueError: the run cannot continue and starting again would drop its results.
+    """
+    length = {"epochs": cfg.epochs, "max_steps": cfg.max_steps}
+    if paths.metrics.is_file() and _has_final_files(paths, cfg):
+        saved = load_config(paths.config) if paths.config.is_file() else None
+        if saved is not None and length == {"epochs": saved.epochs, "max_steps": saved.max_steps}:
+            if info.is_main:
+                print(f"{paths.root} has finished; nothing to do (it has no checkpoints)")
+            return json.loads(paths.metrics.read_text())
+        raise ValueError(
+            f"{paths.root} holds a finished run without checkpoints in {paths.checkpoints}: "
+            "it cannot continue (pass --overwrite to start again)"
+        )
+    if _logged_rows(paths.log) or paths.weights.is_file() or paths.metrics.is_file():
+        raise ValueError(
+            f"{paths.root} holds a run's results but no checkpoint in {paths.checkpoints} to "
+            "continue from (pass --overwrite to start again)"
+        )
+    if info.is_main:
+        print(f"{paths.root} holds no checkpoint yet: starting at step 0")
+    return None
+
+
+def _read_checkpoint_to_resume(
+    paths: RunPaths, batch_size: int, info: DistributedInfo
+) -> tuple[Path, dict[str, Tensor], TrainState] | None:
+    """``(stem, weights, state)`` of the checkpoint that ``RUN_DIR/checkpoints/latest`` names,
+    or of the newest older one that can be read when it cannot (said on stderr); None when
+    the run has no checkpoint.
+
+    Raises:
+        UnreadableFileError: no checkpoint can be read (names the newest one's file).
         ValueError: the checkpoint was written with another global batch (``batch_size`` x
             processes), so the data order and the schedule would not continue.
     """
-    stem = latest_checkpoint(paths.checkpoints) if paths.checkpoints.exists() else None
-    if stem is None:
-        return None
-    if not resume:
-        raise FileExistsError(
-            f"{paths.root} already holds checkpoints; pass --resume auto to continue that run, "
-            "or choose another --output"
-        )
-    weights, saved = load_checkpoint(stem)
-    state = TrainState.from_dict(saved)
-    if state.global_batch != batch_size * info.world_size:
-        raise ValueError(
-            f"{stem} was written with a global batch of {state.global_batch}; "
-            f"this run has {batch_size} x {info.world_size} processes"
-        )
-    return stem, weights, state
+    stems = checkpoints_to_resume(paths.checkpoints) if paths.checkpoints.is_dir() else []
+    errors: list[UnreadableFileError] = []
+    for stem in stems:
+        try:
+            weights, saved = load_checkpoint(stem)
+        except UnreadableFileError as exc:
+            errors.append(exc)
+            continue
+        if errors and info.is_main:
+            print(f"{errors[0]}; resuming from the older {stem.name}", file=sys.stderr)
+        state = TrainState.from_dict(saved)
+        if state.global_batch != batch_size * info.world_size:
+            raise ValueError(
+                f"{stem} was written with a global batch of {state.global_batch}; "
+                f"this run has {batch_size} x {info.world_size} processes"
+            )
+        return stem, weights, state
+    if errors:
+        older = "; no older checkpoint can be read either" if len(errors) > 1 else ""
+        raise UnreadableFileError(f"{errors[0]}{older}") from errors[0]
+    return None
 
 
 def _final_metrics(
@@ -657,7 +808,11 @@ def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float 
 def _evaluate_all(
     run: TrainingRun, loader: DataLoader
 ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """The validation metrics of the model and of its EMA (None without EMA)."""
+    """The validation metrics of the model and of its EMA (None without EMA).
+
+    Raises:
+        FloatingPointError: a validation loss is not finite (the run stops before it logs).
+    """
     # The bare model: ranks may hold shards of different lengths, and DDP's forward may sync.
     model = unwrap_model(run.model)
     device, attention = run.info.device, _has_cls_attention(model)
@@ -665,6 +820,12 @@ def _evaluate_all(
     ema_metrics = None
     if run.ema is not None:
         ema_metrics = _evaluate_for_log(run.ema.module, loader, device, run.amp_dtype, attention)
+    for name, measured in (("", metrics), ("EMA ", ema_metrics)):
+        if measured is not None and not math.isfinite(measured["loss"]):
+            raise FloatingPointError(
+                f"{name}validation loss is {measured['loss']} at step {run.step}: the model's "
+                "outputs are not finite; lower lr, set clip_grad or amp=off"
+            )
     return metrics, ema_metrics
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -19,9 +18,8 @@ from spatial_entropy.components import label_components
 from spatial_entropy.data.base import VOID
 from spatial_entropy.distributed import all_reduce_sum, cleanup_distributed, init_distributed
 from spatial_entropy.entropy import foreground_weights, spatial_entropy
-from spatial_entropy.files import atomic_write
 from spatial_entropy.loader import build_eval_loader
-from spatial_entropy.runs import RunPaths, data_source, labels_match_run, load_run
+from spatial_entropy.runs import RunPaths, data_source, labels_match_run, load_run, write_json
 
 __all__ = [
     "AttentionStatistics",
@@ -518,7 +516,7 @@ def evaluate_run(
     if omitted:
         metrics["omitted"] = omitted
     if info.is_main:
-        atomic_write(paths.eval, json.dumps(metrics, indent=2).encode())
+        write_json(paths.eval, metrics)
     return metrics
 
 

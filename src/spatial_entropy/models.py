@@ -11,14 +11,12 @@ import difflib
 import logging
 import math
 import os
-import pickle
 import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import timm
-from safetensors import SafetensorError
 from timm.layers import HybridEmbed
 from timm.models import (
     adapt_input_conv,
@@ -34,7 +32,7 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 
 from .attention import unwrap_model
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, read_file
 
 __all__ = [
     "ConvStemEmbed",
@@ -403,21 +401,7 @@ def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> di
         )
     # timm's reader: safetensors or torch.load(weights_only=True); takes 'state_dict'/'model'
     # from training checkpoints and strips DDP 'module.' / torch.compile prefixes.
-    try:
-        return load_state_dict(str(path), use_ema=False)
-    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path}: cannot read the checkpoint ({_load_failure(exc)})") from exc
-
-
-def _load_failure(exc: BaseException) -> str:
-    """Why a checkpoint did not load, in one line. timm wraps torch's refusal in a RuntimeError
-    whose advice (retry with weights_only=False) would run the file's code; torch's own message
-    surrounds the reason with such advice, which is left out too."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, pickle.UnpicklingError) else exc
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(cause).splitlines()]
-    reason = " ".join(line for line in lines if line and not line.startswith(advice))
-    return f"{type(cause).__name__}: {reason or 'unreadable'}"
+    return read_file(path, lambda name: load_state_dict(name, use_ema=False))
 
 
 def load_checkpoint_into(
@@ -455,9 +439,9 @@ def load_checkpoint_into(
 
     Raises:
         FileNotFoundError: the path holds no checkpoint.
-        ValueError: the file cannot be read (corrupt, truncated, or a pickle that would run
-            code), naming it; or keys or shapes do not fit, listing every missing, unexpected
-            and mismatched key. The model is left untouched.
+        UnreadableFileError: the file is truncated or corrupt (a ValueError naming it).
+        ValueError: keys or shapes do not fit; lists every missing, unexpected and mismatched
+            key. The model is left untouched.
     """
     vit = unwrap_model(model)
     state_dict = _read_state_dict(checkpoint)

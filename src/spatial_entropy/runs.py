@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +14,12 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from spatial_entropy.checkpoint import (
+    CHECKPOINT_FILES,
+    UnreadableFileError,
+    atomic_write,
+    temporary_files,
+)
 from spatial_entropy.config import TrainConfig, load_config
 from spatial_entropy.data import build_dataset
 from spatial_entropy.data.registry import dataset_class
@@ -18,7 +28,7 @@ from spatial_entropy.data.registry import dataset_class
 # and this module builds models, so the name is defined there.
 from spatial_entropy.models import MODEL_WEIGHTS_NAME, create_model, load_checkpoint_into
 
-__all__ = ["RunPaths", "data_source", "labels_match_run", "load_run"]
+__all__ = ["RunPaths", "data_source", "labels_match_run", "load_run", "to_json", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,57 @@ class RunPaths:
         """The training checkpoints (see ``checkpoint.save_checkpoint``)."""
         return self.root / "checkpoints"
 
+    def run_files(self) -> list[Path]:
+        """The files and folders of a run that exist in ``root``: a non-empty list means that
+        ``root`` holds a run (or the start of one). Other files in ``root`` are not the run's."""
+        named = [self.config, self.weights, self.ema_weights, self.log, self.metrics, self.eval]
+        named += [self.tensorboard, self.checkpoints]
+        return [path for path in named if path.exists()]
+
+    def remove_run(self) -> None:
+        """Delete the run's files (:meth:`run_files` and stale temporary files); other files
+        in ``root`` stay."""
+        for path in [*self.stale_temporaries(), *self.run_files()]:  # files in folders first
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files that a save killed mid-write left (only the names that training
+        and evaluation write atomically; see ``checkpoint.temporary_files``)."""
+        own = [self.weights, self.ema_weights, self.log, self.metrics, self.eval]
+        names = "|".join(re.escape(path.name) for path in own)
+        return temporary_files(self.root, names) + temporary_files(
+            self.checkpoints, CHECKPOINT_FILES
+        )
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(data: Any) -> str:
+    """``data`` as indented, standard JSON: a non-finite float (NaN, inf, which JSON has no
+    words for) becomes null.
+
+    Example:
+        >>> to_json({"loss": float("nan"), "top1": 50.0})
+        '{\\n  "loss": null,\\n  "top1": 50.0\\n}'
+    """
+    return json.dumps(_finite_or_none(data), indent=2, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write :func:`to_json` of ``data`` to ``path`` atomically (metrics and evaluations)."""
+    atomic_write(path, to_json(data).encode())
+
 
 def load_run(
     run_dir: str | os.PathLike,
@@ -121,6 +182,7 @@ def load_run(
     Raises:
         FileNotFoundError: the run has no weights (yet), ``checkpoint`` does not exist, or
             the data is missing.
+        UnreadableFileError: the weights file is truncated or corrupt (a ValueError).
         ValueError: the weights do not fit the model exactly, e.g. a classifier for another
             number of classes than the split has (nothing is adapted or re-initialised), or
             other data has another number of input channels than the run.
@@ -168,6 +230,8 @@ def load_run(
     try:
         # Strict: a run's own weights fit exactly; a new head would evaluate random weights.
         load_checkpoint_into(model, weights, strict=True)
+    except UnreadableFileError:
+        raise  # names the file already; it is not a question of fitting
     except ValueError as exc:
         raise ValueError(
             f"{weights} does not fit the model that {paths.config} describes for "

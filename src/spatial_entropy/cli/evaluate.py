@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from spatial_entropy.choices import DEVICES
@@ -66,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
     from spatial_entropy.evaluation import evaluate_run
+    from spatial_entropy.runs import to_json
 
     try:
         metrics = evaluate_run(
@@ -79,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{PROG}: {exc}") from exc
     for metric, reason in metrics.get("omitted", {}).items():
         print(f"{PROG}: no {metric}: {reason}", file=sys.stderr)
-    print(json.dumps(metrics, indent=2))
+    print(to_json(metrics))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spatial_entropy.config import config_keys, load_config
+from spatial_entropy.config import RESUMABLE_KEYS, config_keys, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,12 +13,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a Vision Transformer, with or without the spatial-entropy regulariser",
         description=(
             "Train as the YAML config says and write RUN_DIR/{config.yaml, log.csv, "
-            "metrics.json, model.safetensors, checkpoints/}. Under torchrun, runs "
+            "metrics.json, model.safetensors, checkpoints/}; a RUN_DIR that holds a run is "
+            "refused unless --resume auto or --overwrite. Under torchrun, runs "
             "DistributedDataParallel (batch_size is per process)."
         ),
         epilog="config keys: " + ", ".join(config_keys()),
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="config file (default: built-ins)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="config file (default: RUN_DIR/config.yaml with --resume auto, else built-ins)",
+    )
     parser.add_argument("--output", required=True, metavar="RUN_DIR", help="run directory")
     parser.add_argument(
         "--set",
@@ -28,10 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config key (dotted, YAML-typed: --set se.weight=0 --set lr=1e-3)",
     )
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         choices=["auto"],
-        help="continue from RUN_DIR/checkpoints/latest if there is one",
+        help="continue the run in RUN_DIR from its latest checkpoint if there is one (else "
+        "start it); --set may change only: " + ", ".join(RESUMABLE_KEYS),
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="RUN_DIR holds a run: delete its files (config.yaml, log.csv, metrics.json, "
+        "eval.json, weights, checkpoints/, tensorboard/) and start again; other files stay",
     )
     parser.set_defaults(func=run)
 
@@ -39,10 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `spatial-entropy --help` does not load torch and timm.
     from spatial_entropy.engine import train
+    from spatial_entropy.runs import RunPaths
 
+    resume = args.resume == "auto"
+    path = args.config
+    if path is None and resume and RunPaths(args.output).config.is_file():
+        path = RunPaths(args.output).config  # the run's own config, changed only by --set
     # Errors reach `spatial_entropy.cli.main`, which prints them as one line.
-    config = load_config(args.config, args.overrides)
-    metrics = train(config, args.output, resume=args.resume == "auto")
+    config = load_config(path, args.overrides)
+    metrics = train(config, args.output, resume=resume, overwrite=args.overwrite)
     print(
         f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
         f"({metrics['steps']} steps, {metrics['train_time_s']:.0f} s) -> {args.output}"
