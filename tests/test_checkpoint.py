@@ -11,15 +11,12 @@ from spatial_entropy.checkpoint import (
     RankState,
     TrainState,
     UnreadableFileError,
-    atomic_write,
-    get_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    preserved_rng,
     save_checkpoint,
-    seed_all,
-    set_rng_state,
 )
+from spatial_entropy.files import atomic_write
+from spatial_entropy.rng import get_rng_state, preserved_rng, seed_all, set_rng_state
 
 
 def _draws() -> tuple:

@@ -19,9 +19,6 @@ from torch import Tensor, nn
 
 from spatial_entropy.files import atomic_write
 
-# Their home until issue 13: still importable from here.
-from spatial_entropy.rng import get_rng_state, preserved_rng, seed_all, set_rng_state  # noqa: F401
-
 __all__ = [
     "UnreadableFileError",
     "RankState",
