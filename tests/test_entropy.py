@@ -15,6 +15,7 @@ from spatial_entropy import (
     reference_spatial_entropy,
     spatial_entropy,
 )
+from spatial_entropy.entropy import foreground_weights
 
 
 def blobs_map(
@@ -197,6 +198,23 @@ def test_logits_near_the_float32_maximum(backend: str) -> None:
     assert torch.isfinite(value).all() and (expected > 0).any()
     torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reference_spatial_entropy(logits, (8, 8)), expected)
+
+
+def test_ordinary_maps_keep_the_float32_mean_bit_for_bit() -> None:
+    # Only maps whose float32 sum overflows take the float64 mean: every other map's weights
+    # and gradients are those of the plain float32 mean, so training runs of earlier versions
+    # reproduce exactly (the demo's top-1 included).
+    logits = smooth_maps(4, 3, (8, 8), seed=5)
+    logits[0, 0] = 3.0e38 + 1.0e37 * logits[0, 0]  # overflows: takes the float64 mean
+    x = logits.clone().requires_grad_(True)
+    foreground, weights = foreground_weights(x)
+    expected = torch.relu(logits - logits.mean(dim=-1, keepdim=True))
+    assert torch.equal(weights[1:], expected[1:]) and torch.equal(weights[0, 1:], expected[0, 1:])
+    assert torch.isfinite(weights[0, 0]).all() and foreground[0, 0].any()
+    weights[1:].sum().backward()
+    y = logits[1:].clone().requires_grad_(True)
+    torch.relu(y - y.mean(dim=-1, keepdim=True)).sum().backward()
+    assert torch.equal(x.grad[1:], y.grad)
 
 
 @pytest.mark.parametrize("backend", ["scipy", "torch"])

@@ -30,13 +30,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _map_mean(scores: torch.Tensor) -> torch.Tensor:
-    """Mean over the last dimension, accumulated in float64 and returned in ``scores.dtype``.
+    """Mean over the last dimension in ``scores.dtype``; where that overflows, accumulated in
+    float64 instead.
 
     A float32 sum of logits near the float32 maximum overflows to inf and makes the map NaN,
-    although the mean itself is representable. (MPS has no float64; it keeps float32 there.)
+    although the mean itself is representable. Only those maps take the float64 mean: every
+    other map keeps the float32 mean bit for bit, in value and gradient, so training runs stay
+    reproducible across versions. Both are computed (no data-dependent branch, no host
+    synchronisation). (MPS has no float64; it keeps float32 there.)
     """
-    wide = torch.float32 if scores.device.type == "mps" else torch.float64
-    return scores.mean(dim=-1, keepdim=True, dtype=wide).to(scores.dtype)
+    mean = scores.mean(dim=-1, keepdim=True)
+    if scores.device.type == "mps" or scores.dtype == torch.float64:
+        return mean
+    wide = scores.mean(dim=-1, keepdim=True, dtype=torch.float64).to(scores.dtype)
+    return torch.where(torch.isfinite(mean), mean, wide)
 
 
 def foreground_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +53,8 @@ def foreground_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     For a map ``S`` (the last dimension): foreground ``S > mean(S)`` (strict; no gradient),
     weights ``relu(S - mean(S))`` (zero off the foreground; gradients flow through ``S`` and
     the mean). Computed in float32 for float16/bfloat16/float32 input, also under autocast,
-    and in float64 for float64 input; the mean is accumulated in float64.
+    and in float64 for float64 input; a map whose float32 sum overflows takes its mean in
+    float64 (see ``_map_mean``).
 
     Args:
         logits: ``(..., N)`` floating-point logits, one map per row.
