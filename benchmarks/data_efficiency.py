@@ -421,7 +421,8 @@ def execute(
     ``run_fn(size, arm, seed, work_dir, variant, device)`` (default `run_one`; a module-level
     function, for the worker processes) does one run; ``order`` sorts the runs (default: size,
     then seed, then the arms' order in ARMS); ``on_result(run, result)`` is called in this
-    process as each run finishes (e.g. to record it)."""
+    process as each run finishes (e.g. to record it). A run that raises is reported in one line
+    and left unrecorded; the others go on (a later invocation tries it again)."""
     start = time.perf_counter()
     run_fn = run_fn or run_one
     if order is None:
@@ -453,10 +454,20 @@ def execute(
     def time_left() -> bool:
         return time_budget_s is None or time.perf_counter() - start < time_budget_s
 
+    def failed(run: tuple[Size, str, int], error: BaseException) -> None:
+        size, arm, seed = run
+        print(f"n={size.n_per_class} {arm} seed {seed} FAILED (not recorded): "
+              f"{type(error).__name__}: {error}", flush=True)  # fmt: skip
+
     if jobs <= 1:
         while queue and time_left():
             run, t0 = queue.pop(0), time.perf_counter()
-            report(run, run_fn(*run, work_dir, variant, device), time.perf_counter() - t0)
+            try:
+                result = run_fn(*run, work_dir, variant, device)
+            except Exception as error:  # one failed run must not stop the others
+                failed(run, error)
+                continue
+            report(run, result, time.perf_counter() - t0)
         return len(queue)
     warm_cache(variant)
     context = multiprocessing.get_context("spawn")  # no forked CUDA or OpenMP state
@@ -473,7 +484,10 @@ def execute(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 run, t0 = running.pop(future)
-                report(run, future.result(), time.perf_counter() - t0)
+                if future.exception() is not None:
+                    failed(run, future.exception())
+                else:
+                    report(run, future.result(), time.perf_counter() - t0)
     return len(queue)
 
 

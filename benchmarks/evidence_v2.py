@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import platform
 import sys
@@ -74,7 +75,7 @@ from spatial_entropy.data.subsets import ClassSubset, stratified_indices  # noqa
 from spatial_entropy.distributed import DistributedInfo  # noqa: E402
 from spatial_entropy.engine import evaluate, train  # noqa: E402
 from spatial_entropy.evaluation import evaluate_run, load_run  # noqa: E402
-from spatial_entropy.loader import build_eval_loader  # noqa: E402
+from spatial_entropy.loader import build_eval_loader, build_train_loader  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "evidence_v2.json"
 IMG_SIZE = 56
@@ -87,6 +88,11 @@ SEEDS = 5
 # which the 8x8 model's training loss had fallen to 0.82 (issue 16); n = 100 gets the same.
 PILOT_EPOCHS = {50: 400, 100: 200}
 PILOT_EVALS = 20  # training-subset evaluations over the pilot run
+# The pilot trains in chunks of this many evaluations and stops once `decided_epochs` has
+# decided: the rule reads only the epochs up to its choice, and a chunk boundary is an
+# evaluation epoch of the uninterrupted run resumed bit for bit, so the choice is the one the
+# whole pilot would make (tested), at a fraction of its cost when it decides early.
+PILOT_CHUNK_EVALS = 2
 TRAIN_TOP1_TARGET = 95.0  # percent, on the un-augmented training subset
 PLATEAU_WINDOW = 0.1  # of the pilot's epochs
 PLATEAU_TOLERANCE = 0.01  # relative fall of the mean training loss over one window
@@ -114,10 +120,19 @@ def arms() -> dict[str, dict]:
     return table
 
 
-def config_for(size: Size, arm: str, seed: int, device: str, weight: float | None = None):
+def config_for(
+    size: Size,
+    arm: str,
+    seed: int,
+    device: str,
+    weight: float | None = None,
+    num_workers: int = 0,
+):
     """The run's TrainConfig: data_efficiency's recipe at the 14x14 grid plus the arm's keys
-    (``weight`` overrides the λ of ``se_val``)."""
+    (``weight`` overrides the λ of ``se_val``). ``num_workers`` changes only the speed: the
+    loaders' augmentation is a function of (seed, epoch, sample), whatever the workers."""
     values = recipe(size, seed, Variant(img_size=IMG_SIZE), device) | {"model": VIT}
+    values["num_workers"] = num_workers
     values |= {k: dict(v) if isinstance(v, dict) else v for k, v in arms()[arm].items()}
     if weight is not None:
         values["se"] = dict(values["se"], weight=weight)
@@ -168,13 +183,13 @@ def subset_top1(run_dir: Path, device: str) -> float:
     return evaluate(model.to(info.device), loader, info.device)["top1"]
 
 
-def select_lambda(size: Size, seed: int, work_dir: Path, device: str) -> dict:
+def select_lambda(size: Size, seed: int, work_dir: Path, device: str, num_workers: int = 0) -> dict:
     """``se_val``'s λ: train with each of ``VAL_LAMBDAS`` on the fit part of the training
     images and keep the best top-1 on the carved validation part (ties: the smaller λ). The
     test split is never built here."""
     scores = {}
     for weight in VAL_LAMBDAS:
-        config = config_for(size, "se_val", seed, device, weight)
+        config = config_for(size, "se_val", seed, device, weight, num_workers)
         run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / "se_val_select"
         run_dir = run_dir / f"lambda{weight:g}" / f"seed{seed}"
         datasets = (
@@ -186,17 +201,26 @@ def select_lambda(size: Size, seed: int, work_dir: Path, device: str) -> dict:
     return {"lambda": best, "val_top1": {f"{w:g}": scores[w] for w in VAL_LAMBDAS}}
 
 
-def run_arm(size: Size, arm: str, seed: int, work_dir: Path, variant: Variant, device: str):
+def run_arm(
+    size: Size,
+    arm: str,
+    seed: int,
+    work_dir: Path,
+    variant: Variant,
+    device: str,
+    num_workers: int = 0,
+):
     """One run (data_efficiency.execute's ``run_fn``): the pilot (arm ``"pilot"``), or an arm
-    trained on its training images, evaluated on the test set and its own training subset."""
+    trained on its training images, evaluated on the test set and its own training subset.
+    ``num_workers``: data-loading processes per run (speed only)."""
     if arm == "pilot":
-        return run_pilot(size, work_dir, device)
+        return run_pilot(size, work_dir, device, num_workers)
     run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / arm / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    selection = select_lambda(size, seed, work_dir, device) if arm == "se_val" else {}
-    config = config_for(size, arm, seed, device, selection.get("lambda"))
+    selection = select_lambda(size, seed, work_dir, device, num_workers) if arm == "se_val" else {}
+    config = config_for(size, arm, seed, device, selection.get("lambda"), num_workers)
     metrics = _train(config, run_dir)
     attention = evaluate_run(run_dir, "test", device=device, attention=True, mass=0.6)
     train_top1 = subset_top1(run_dir, device)
@@ -220,34 +244,53 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def run_pilot(size: Size, work_dir: Path, device: str) -> dict:
-    """The baseline, seed 0, ``size.epochs`` epochs, evaluated on its un-augmented training
-    subset ``PILOT_EVALS`` times; returns the log and the epochs `choose_epochs` picks."""
+def run_pilot(size: Size, work_dir: Path, device: str, num_workers: int = 0) -> dict:
+    """The baseline, seed 0, up to ``size.epochs`` epochs, evaluated on its un-augmented
+    training subset ``PILOT_EVALS`` times; returns the log and the epochs `choose_epochs`
+    picks. Trains ``PILOT_CHUNK_EVALS`` evaluations at a time (``max_steps``; the schedule
+    stays the full pilot's) and stops as soon as `decided_epochs` decides."""
     epochs = size.epochs
+    every = max(1, epochs // PILOT_EVALS)
     values = recipe(size, 0, Variant(img_size=IMG_SIZE), device) | {"model": VIT}
-    values |= ARMS["baseline"] | {"eval_every": max(1, epochs // PILOT_EVALS)}
+    values |= ARMS["baseline"] | {"eval_every": every, "num_workers": num_workers}
     config = load_config(values=values)
     run_dir = work_dir / "pilot" / f"n{size.n_per_class}_e{epochs}"
     datasets = (training_images(config, augmented=True), training_images(config, augmented=False))
-    metrics = _train(config, run_dir, datasets)
+    info = DistributedInfo(device=torch.device(device))
+    steps_per_epoch = len(build_train_loader(datasets[0], config.batch_size, info, seed=0))
+    chunk = PILOT_CHUNK_EVALS * every
+    for end in range(chunk, epochs + chunk, chunk):
+        end = min(end, epochs)
+        chunk_config = load_config(values=values | {"max_steps": end * steps_per_epoch})
+        metrics = train(chunk_config, run_dir, resume=(run_dir / "checkpoints").is_dir(),
+                        datasets=datasets)  # fmt: skip
+        log = pilot_log(run_dir)
+        if decided_epochs(log, epochs) is not None:
+            break
+    chosen, reason = choose_epochs(log, epochs)
+    return {"n_per_class": size.n_per_class, "max_epochs": epochs, "epochs": chosen,
+            "reason": reason, "trained_epochs": log[-1]["epoch"], "top1": metrics["top1"],
+            "steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+            "device": device_name(device), "log": log}  # fmt: skip
+
+
+def pilot_log(run_dir: Path) -> list[dict]:
+    """The pilot's log.csv as `choose_epochs` reads it (1-based epochs)."""
     with open(run_dir / "log.csv", newline="") as f:
-        log = [
+        return [
             {"epoch": int(row["epoch"]) + 1, "train_loss": float(row["train_loss"]),
              "train_top1": float(row["val_top1"]) if row["val_top1"] else None}
             for row in csv.DictReader(f)
         ]  # fmt: skip
-    chosen, reason = choose_epochs(log, epochs)
-    return {"n_per_class": size.n_per_class, "max_epochs": epochs, "epochs": chosen,
-            "reason": reason, "top1": metrics["top1"], "steps": metrics["steps"],
-            "train_time_s": metrics["train_time_s"], "device": device_name(device),
-            "log": log}  # fmt: skip
 
 
-def choose_epochs(log: list[dict], max_epochs: int) -> tuple[int, str]:
-    """The pilot's rule: the first epoch at which the un-augmented training-subset top-1
-    reaches ``TRAIN_TOP1_TARGET``, or at which the training loss has plateaued (its mean over
-    the last ``PLATEAU_WINDOW`` of the run fell by less than ``PLATEAU_TOLERANCE`` relative to
-    the window before), whichever comes first; else ``max_epochs``.
+def decided_epochs(log: list[dict], max_epochs: int) -> tuple[int, str] | None:
+    """The pilot's rule on the epochs logged so far: the first epoch at which the
+    un-augmented training-subset top-1 reaches ``TRAIN_TOP1_TARGET``, or at which the training
+    loss has plateaued (its mean over the last ``PLATEAU_WINDOW`` of the pilot's length fell by
+    less than ``PLATEAU_TOLERANCE`` relative to the window before), whichever comes first;
+    None while neither has happened. Each criterion at epoch e reads only epochs <= e, so a
+    decision on a prefix of the log is the decision on the whole log.
 
     Args:
         log: one row per epoch, ``{"epoch": 1-based, "train_loss": float, "train_top1": float
@@ -255,7 +298,7 @@ def choose_epochs(log: list[dict], max_epochs: int) -> tuple[int, str]:
         max_epochs: the pilot's length.
 
     Returns:
-        ``(epochs, reason)``.
+        ``(epochs, reason)``, or None.
     """
     window = max(1, round(PLATEAU_WINDOW * max_epochs))
     losses = [row["train_loss"] for row in log]
@@ -269,7 +312,15 @@ def choose_epochs(log: list[dict], max_epochs: int) -> tuple[int, str]:
                 return row["epoch"], (
                     f"training loss plateaued ({before:.3f} -> {last:.3f} over {window} epochs)"
                 )
-    return max_epochs, "neither criterion met: the pilot's full length"
+    return None
+
+
+def choose_epochs(log: list[dict], max_epochs: int) -> tuple[int, str]:
+    """`decided_epochs` on the whole pilot; ``max_epochs`` when it never decides."""
+    return decided_epochs(log, max_epochs) or (
+        max_epochs,
+        "neither criterion met: the pilot's full length",
+    )
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -481,6 +532,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs") / "evidence_v2")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="data-loading processes per run (speed only, results unchanged)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
@@ -515,7 +572,8 @@ def main() -> None:
         record_result(record, args.results, run, result)
 
     common = dict(variant=Variant(img_size=IMG_SIZE), device=args.device, threads=args.threads,
-                  run_fn=run_arm, on_result=on_result, order=seed_order(arm_names))  # fmt: skip
+                  run_fn=functools.partial(run_arm, num_workers=args.num_workers),
+                  on_result=on_result, order=seed_order(arm_names))  # fmt: skip
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     if pilots:
         jobs = min(args.jobs, len(pilots))

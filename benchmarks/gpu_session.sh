@@ -1,65 +1,157 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that is lent a CUDA machine, as one prepared script.
+# The GPU work of a session that is lent a CUDA machine, as one prepared script.
 #
-#   bash benchmarks/gpu_session.sh checks          # CUDA tests, loss speed, AMP/NCCL training smoke
-#   bash benchmarks/gpu_session.sh levers MINUTES  # issue 7's investigation variants on the GPU
+#   bash benchmarks/gpu_session.sh session SECONDS   # all of it within SECONDS: checks, then evidence
+#   bash benchmarks/gpu_session.sh checks            # CUDA tests, loss speed, training smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py)
+#   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
-# `checks` writes the GPU loss table to $OUT/loss_speed_cuda.json: every labeller with its host
-# syncs per call, the CUDA-graph capture of the loss, and one training step (bf16, batch 128 or
-# the largest that fits) of se_vit_small_patch8_64, vit_small_patch16_224, vit_base_patch16_224
-# and vit_small_patch16_384 with and without the regulariser. Tried on CPU with
-# `CHECKS_SMOKE=1 bash benchmarks/gpu_session.sh checks`, which runs the same steps on the CPU
-# with tiny settings (the real-model rows with batch 2).
+# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests and the
+# loss-speed table first, on a quiet GPU (timings); then the evidence run for the time left,
+# with the training smokes (fp16, torch.compile, torchrun + resume, evaluate) beside it. It
+# ends by itself about 20 s before SECONDS and leaves at most 8 files in $OUT:
+#   checks.txt            CUDA tests and the loss-speed table as printed
+#   loss_speed_cuda.json  every labeller with its host syncs, the CUDA-graph capture of the loss,
+#                         one bf16 training step of the benchmark model and of ViT-S/16, ViT-B/16,
+#                         ViT-S/16@384 with and without the regulariser
+#   smokes.txt            the training smokes' last lines
+#   evidence_v2.json/.md/.png, evidence.log   the record (continuing the committed one), report
+#   gpu_util.txt          GPU utilisation and memory every 10 s during the evidence run
+# Copy evidence_v2.json and loss_speed_cuda.json into benchmarks/results/ and commit them.
 #
-# Writes its reports to $OUT (default runs/gpu_session). Runs from the repository root with
-# PYTHONPATH=src (the GPU image has torch, timm, scipy, scikit-image, safetensors). Fashion-MNIST
-# is looked up as usual; with no network, put the four IDX .gz files in
-# $SPATIAL_ENTROPY_CACHE/FashionMNIST/raw beforehand.
+# `checks` and `session` tried on the CPU: `SMOKE=1 bash benchmarks/gpu_session.sh session 600`
+# runs the same steps with tiny settings on the CPU (evidence: 1-epoch pilot, two arms, a
+# scratch record).
+#
+# Runs from the repository root with PYTHONPATH=src (the GPU image has torch, timm, scipy,
+# scikit-image, safetensors). Fashion-MNIST is looked up as usual; with no network, put the four
+# IDX .gz files in $SPATIAL_ENTROPY_CACHE/FashionMNIST/raw beforehand, or in .gpu_data/ (carried:
+# copied there by this script).
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
+start=$SECONDS
 strip() { tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]|^\s*$'; }
+if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
+    device=cpu
+    speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
+        --models vit_small_patch16_224)
+    evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
+else
+    device=cuda
+    speed=()
+    # 8 runs side by side, each with one loader process: 16 cores (the augmentation of a batch
+    # of 64 costs ~30 ms of one core, as much as the GPU step of this small model)
+    evidence_extra=(--jobs 8 --threads 1 --num-workers 1)
+fi
+if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
+    export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
+    mkdir -p "$SPATIAL_ENTROPY_CACHE/FashionMNIST/raw"
+    cp .gpu_data/*.gz "$SPATIAL_ENTROPY_CACHE/FashionMNIST/raw/"
+fi
+printf 'import sys\nfrom spatial_entropy.cli import main\nsys.exit(main())\n' > /tmp/se_cli.py
+
+cuda_tests() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+    echo "== CUDA tests"
+    timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_components.py \
+        tests/test_entropy.py tests/test_sync_free.py tests/test_attention.py -k cuda -rs \
+        2>&1 | tail -8
+}
+
+loss_speed() {
+    echo "== loss speed ($device): labellers, host syncs, CUDA graph, model training steps"
+    timeout "${1:-420}" $py benchmarks/loss_speed.py --device $device --alternatives \
+        "${speed[@]}" --out "$OUT/loss_speed_$device.json" 2>&1
+}
+
+smokes() {
+    [ $device = cuda ] || return 0
+    # each command gets at most $1 s and none runs past $2 (SECONDS of this script)
+    local most=${1:-300} deadline=${2:-999999}
+    lim() { local r=$((deadline - SECONDS)); echo $((r < most ? (r > 1 ? r : 1) : most)); }
+    export TORCHINDUCTOR_COMPILE_THREADS=1  # beside the evidence runs: leave them the cores
+    echo "== train smoke: compile=true (inductor) with the regulariser, bf16, 40 steps"
+    timeout $(lim) $py /tmp/se_cli.py train --config configs/demo.yaml --output /tmp/smoke_compile \
+        --set device=cuda --set compile=true --set max_steps=40 2>&1 | strip | tail -6
+    echo "== the same 40 steps eager, to compare"
+    timeout $(lim) $py /tmp/se_cli.py train --config configs/demo.yaml --output /tmp/smoke_eager \
+        --set device=cuda --set max_steps=40 2>&1 | strip | tail -3
+    echo "== train smoke: fp16 + GradScaler, RandAugment, Mixup/CutMix, EMA, 2 workers"
+    timeout $(lim) $py /tmp/se_cli.py train --config configs/demo.yaml --output /tmp/smoke_fp16 \
+        --set device=cuda --set amp=fp16 --set max_steps=60 \
+        --set auto_augment=rand-m9-mstd0.5-inc1 --set mixup=0.8 --set cutmix=1.0 \
+        --set reprob=0.25 --set model_ema=true --set num_workers=2 2>&1 | strip | tail -6
+    echo "== train smoke: torchrun 1 process (NCCL), bf16, then --resume auto to more steps"
+    timeout $(lim) $py -m torch.distributed.run --nproc_per_node 1 /tmp/se_cli.py train \
+        --config configs/demo.yaml --output /tmp/smoke_ddp --set device=cuda --set max_steps=40 \
+        --set checkpoint_every=20 2>&1 | strip | tail -4
+    timeout $(lim) $py -m torch.distributed.run --nproc_per_node 1 /tmp/se_cli.py train \
+        --config configs/demo.yaml --output /tmp/smoke_ddp --resume auto --set device=cuda \
+        --set max_steps=80 --set checkpoint_every=20 2>&1 | strip | tail -4
+    echo "== evaluate --attention on CUDA"
+    timeout $(lim) $py /tmp/se_cli.py evaluate /tmp/smoke_ddp --attention 2>&1 | strip | tail -8
+}
+
+# evidence SECONDS: the second benchmark for SECONDS, continuing the committed record (runs
+# recorded there are skipped; every run finished here is written to $OUT/evidence_v2.json at
+# once, so a cut-off session still leaves a consistent, paired record in seed order). No run
+# starts in the last 90 s (a late run could not finish and would not be recorded). Runs'
+# directories go to memory (/dev/shm): checkpoints are written every epoch and fsynced.
+evidence() {
+    local seconds=$1 results="$OUT/evidence_v2.json" work=/dev/shm/evidence_v2
+    [ -d /dev/shm ] || work=runs/evidence_v2_gpu
+    if [ -n "${SMOKE:-}" ]; then
+        results="$OUT/evidence_v2.json"
+        work=$OUT/evidence_runs
+    elif [ ! -f "$results" ]; then
+        cp benchmarks/results/evidence_v2.json "$results" 2>/dev/null
+    fi
+    local budget
+    budget=$(awk -v s="$seconds" 'BEGIN { m = (s - 90) / 60; printf "%.2f", (m > 0.5 ? m : 0.5) }')
+    timeout $((seconds)) $py benchmarks/evidence_v2.py --device $device "${evidence_extra[@]}" \
+        --time-budget $budget --results "$results" --work-dir "$work" 2>&1 | strip \
+        > "$OUT/evidence.log"
+    $py benchmarks/evidence_v2.py --report "$results" > /dev/null 2>&1
+    tail -40 "$OUT/evidence.log"
+}
 
 case "${1:-checks}" in
-checks)
-    if [ -n "${CHECKS_SMOKE:-}" ]; then
-        device=cpu
-        speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
-            --models vit_small_patch16_224)
-    else
-        device=cuda
-        speed=()
-    fi
+session)
+    total=${2:?usage: $0 session SECONDS}
     {
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-        $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-        echo "== CUDA tests"
-        timeout 300 $py -m pytest -q -p no:cacheprovider tests/test_components.py \
-            tests/test_entropy.py tests/test_sync_free.py tests/test_attention.py -k cuda -rs \
-            2>&1 | tail -8
-        echo "== loss speed ($device): labellers, host syncs, CUDA graph, model training steps"
-        timeout 420 $py benchmarks/loss_speed.py --device $device --alternatives "${speed[@]}" \
-            --out "$OUT/loss_speed_$device.json" 2>&1
-        [ -n "${CHECKS_SMOKE:-}" ] && exit 0
-        printf 'import sys\nfrom spatial_entropy.cli import main\nsys.exit(main())\n' > /tmp/se_cli.py
-        echo "== train smoke: fp16 + GradScaler, RandAugment, Mixup/CutMix, EMA, 2 workers"
-        timeout 300 $py /tmp/se_cli.py train --config configs/demo.yaml --output /tmp/smoke_fp16 \
-            --set device=cuda --set amp=fp16 --set max_steps=60 \
-            --set auto_augment=rand-m9-mstd0.5-inc1 --set mixup=0.8 --set cutmix=1.0 \
-            --set reprob=0.25 --set model_ema=true --set num_workers=2 2>&1 | strip | tail -6
-        echo "== train smoke: torchrun 1 process (NCCL), bf16, then --resume auto to more steps"
-        timeout 300 $py -m torch.distributed.run --nproc_per_node 1 /tmp/se_cli.py train \
-            --config configs/demo.yaml --output /tmp/smoke_ddp --set device=cuda --set max_steps=40 \
-            --set checkpoint_every=20 2>&1 | strip | tail -4
-        timeout 300 $py -m torch.distributed.run --nproc_per_node 1 /tmp/se_cli.py train \
-            --config configs/demo.yaml --output /tmp/smoke_ddp --resume auto --set device=cuda \
-            --set max_steps=80 --set checkpoint_every=20 2>&1 | strip | tail -4
-        echo "== evaluate --attention on CUDA"
-        timeout 300 $py /tmp/se_cli.py evaluate /tmp/smoke_ddp --attention 2>&1 | strip | tail -8
+        cuda_tests
+        loss_speed 200
     } > "$OUT/checks.txt" 2>&1
+    cat "$OUT/checks.txt" | tail -30
+    left=$((total - (SECONDS - start) - 20))
+    echo "== evidence for $left s (checks took $((SECONDS - start)) s)"
+    if [ $device = cuda ]; then
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 \
+            > "$OUT/gpu_util.txt" 2>&1 &
+        util=$!
+    fi
+    (sleep 20; smokes 150 $((start + total - 30)) > "$OUT/smokes.txt" 2>&1) &
+    smoke=$!
+    evidence $left
+    kill ${util:-} 2>/dev/null
+    wait $smoke 2>/dev/null
+    echo "== smokes"; cat "$OUT/smokes.txt" 2>/dev/null
+    echo "== session took $((SECONDS - start)) s"
+    ;;
+checks)
+    {
+        cuda_tests
+        loss_speed 420
+        smokes 300
+    } > "$OUT/checks.txt" 2>&1
+    ;;
+evidence)
+    nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/evidence_gpu.txt" 2>&1
+    evidence $((${2:-10} * 60 - 15))
     ;;
 levers)
     minutes=${2:-4}
@@ -80,25 +172,8 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
 print(len(runs), "finished runs")
 PY
     ;;
-evidence)
-    # The second benchmark protocol, continuing the committed record: runs recorded there are
-    # skipped; every run finished here is written to $OUT/evidence_v2.json at once, so a cut-off
-    # session still leaves a consistent, paired record (seed order). Commits nothing: copy
-    # $OUT/evidence_v2.json to benchmarks/results/ and commit it to continue in a later session.
-    minutes=${2:-10}
-    results="$OUT/evidence_v2.json"
-    [ -f "$results" ] || cp benchmarks/results/evidence_v2.json "$results" 2>/dev/null
-    nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/evidence_gpu.txt" 2>&1
-    # 12 runs side by side (16 cores: each run loads its data on its own core); no run starts
-    # in the last 3 minutes (a late run could not finish and is not recorded).
-    timeout $((minutes * 60 - 15)) $py benchmarks/evidence_v2.py --device cuda --jobs 12 \
-        --threads 1 --time-budget $((minutes > 4 ? minutes - 3 : 1)) --results "$results" \
-        --work-dir runs/evidence_v2_cuda 2>&1 | strip > "$OUT/evidence.log"
-    $py benchmarks/evidence_v2.py --report "$results" > /dev/null 2>&1
-    tail -40 "$OUT/evidence.log"
-    ;;
 *)
-    echo "usage: $0 checks | levers MINUTES | evidence MINUTES" >&2
+    echo "usage: $0 session SECONDS | checks | evidence MINUTES | levers MINUTES" >&2
     exit 2
     ;;
 esac

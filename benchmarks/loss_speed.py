@@ -354,6 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path(__file__).parent / "results" / f"loss_speed_{device}.json"
 
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a run stopped at a time limit keeps what it did
+        out.write_text(json.dumps(result, indent=2))
+
     result = {
         "device": device,
         "device_name": device_name(device),
@@ -361,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "rows": loss_rows(device, args),
     }
+    save()
     if device == "cuda":
         try:
             result["cuda_graph"] = cuda_graph_check(
@@ -369,18 +375,17 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # report what stands in the way instead of stopping the run
             result["cuda_graph"] = {"captured": False, "error": f"{type(error).__name__}: {error}"}
         print(f"CUDA graph of the loss forward + backward: {result['cuda_graph']}")
-    steps = [
+    result["train_steps"] = steps = [
         train_step_ms(
             BENCHMARK_MODEL, args.step_batch, device, args.repeats, img_size=64, num_classes=10
         )
     ]
     print_step(steps[0])
+    save()
     for name in models:
         steps.append(fitting_train_step(name, args.model_batch, device, args.repeats))
         print_step(steps[-1])
-    result["train_steps"] = steps
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        save()
     print(f"wrote {out}")
     return result
 

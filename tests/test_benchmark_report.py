@@ -88,6 +88,24 @@ def test_execute_order_and_time_budget(bench, tmp_path, monkeypatch) -> None:
     assert left == len(plan.runs) and calls == []
 
 
+def test_a_failed_run_is_reported_and_the_others_go_on(bench, tmp_path, capsys) -> None:
+    recorded = []
+
+    def run_fn(size, arm, seed, work_dir, variant, device):
+        if arm == "se" and seed == 0:
+            raise RuntimeError("CUDA error: out of memory")
+        return result(size.n_per_class, arm, seed, 50.0)
+
+    plan = bench.Plan((bench.Size(50, 1, 2),), ["baseline", "se"], False)
+    left = bench.execute(plan.runs, tmp_path, variant=bench.Variant(), device="cpu", jobs=1,
+                         threads=None, time_budget_s=None, run_fn=run_fn,
+                         on_result=lambda run, res: recorded.append(run[1:]))  # fmt: skip
+    assert left == 0
+    assert recorded == [("baseline", 0), ("baseline", 1), ("se", 1)]
+    out = capsys.readouterr().out
+    assert "n=50 se seed 0 FAILED (not recorded): RuntimeError: CUDA error: out of memory" in out
+
+
 def test_report_rebuilds_tables_from_json(bench, tmp_path, monkeypatch) -> None:
     record = {"variant": {"epochs_scale": 4, "img_size": None, "distractors": None},
               "runs": [result(50, "baseline", s, 30.0 + s) for s in range(2)]

@@ -7,6 +7,8 @@ import json
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from spatial_entropy.models import create_model
 
@@ -119,7 +121,7 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     results = tmp_path / "record.json"
     calls = []
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0):
         # every run finished before this one is already in the record on disk
         on_disk = json.loads(results.read_text()) if results.is_file() else {"runs": []}
         calls.append((size.n_per_class, arm, seed, len(on_disk["runs"])))
@@ -197,3 +199,58 @@ def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
     ev.write_report({"pilot": {}, "runs": runs}, tmp_path / "record.json")
     assert (tmp_path / "record.md").read_text() == text + "\n"
     assert (tmp_path / "record.png").stat().st_size > 0
+
+
+@pytest.fixture
+def tiny_pilot(ev, tmp_path, monkeypatch):
+    """The pilot on a tiny model and data set: 130 training images (2 steps of 64 an epoch), 8
+    epochs, the training subset evaluated every epoch, trained 2 epochs per chunk; no plateau
+    stop (tolerance -1: the mean loss would have to double)."""
+    recipe = ev.recipe
+    options = {"train_per_class": 20, "test_size": 30, "cache_dir": str(tmp_path / "data")}
+
+    def tiny_recipe(*args, **kwargs):
+        return recipe(*args, **kwargs) | {"data_options": options, "model_kwargs": {"depth": 2}}
+
+    monkeypatch.setattr(ev, "recipe", tiny_recipe)
+    monkeypatch.setattr(ev, "VIT", "se_vit_tiny_patch4_32")
+    monkeypatch.setattr(ev, "IMG_SIZE", 16)
+    monkeypatch.setattr(ev, "PILOT_EVALS", 8)
+    monkeypatch.setattr(ev, "PLATEAU_TOLERANCE", -1.0)
+
+    def pilot(name: str, chunk_evals: int, target: float) -> dict:
+        monkeypatch.setattr(ev, "PILOT_CHUNK_EVALS", chunk_evals)
+        monkeypatch.setattr(ev, "TRAIN_TOP1_TARGET", target)
+        return ev.run_pilot(ev.Size(13, 8, 1), tmp_path / name, "cpu")
+
+    return pilot
+
+
+@pytest.mark.slow
+def test_chunked_pilot_equals_the_uninterrupted_one(ev, tiny_pilot, tmp_path) -> None:
+    whole = tiny_pilot("whole", chunk_evals=100, target=101.0)  # one chunk: the plain run
+    chunked = tiny_pilot("chunked", chunk_evals=2, target=101.0)  # 4 chunks, 3 resumes
+    assert whole["trained_epochs"] == chunked["trained_epochs"] == 8
+    assert whole["steps"] == chunked["steps"] == 16
+    assert chunked["log"] == whole["log"]  # losses and training top-1, every epoch, exactly
+    assert (chunked["epochs"], chunked["reason"]) == (8, ev.choose_epochs(whole["log"], 8)[1])
+    weights = [load_file(tmp_path / name / "pilot" / "n13_e8" / "model.safetensors")
+               for name in ("whole", "chunked")]  # fmt: skip
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_pilot_stops_once_decided_with_the_whole_pilots_choice(ev, tiny_pilot) -> None:
+    whole = tiny_pilot("whole", chunk_evals=100, target=101.0)
+    evaluated = [row["train_top1"] for row in whole["log"]]
+    assert all(top1 is not None for top1 in evaluated)
+    target = max(evaluated[:3])  # reached at epoch 1, 2 or 3: decided in the first 2 chunks
+    decided = ev.choose_epochs(whole["log"], 8)
+    early = tiny_pilot("early", chunk_evals=2, target=target)
+    chosen = ev.choose_epochs(whole["log"], 8)  # the constants as run_pilot saw them
+    assert chosen[0] <= 3 and decided[0] == 8
+    assert (early["epochs"], early["reason"]) == chosen
+    # stopped at the end of the chunk that decided, not after the pilot's 8 epochs
+    assert early["trained_epochs"] == 2 * ((chosen[0] + 1) // 2) < 8
+    assert early["log"] == whole["log"][: early["trained_epochs"]]
