@@ -96,7 +96,7 @@ def test_pending_skips_recorded_runs_in_seed_order(ev) -> None:
     record = {"pilot": {"50": {"epochs": 30}}, "runs": [
         {"n_per_class": 50, "arm": "baseline", "seed": 0}]}  # fmt: skip
     pilots, runs = ev.pending(record, [50, 100], ["baseline", "se"], 2)
-    assert [(s.n_per_class, s.epochs, a) for s, a, _ in pilots] == [(100, 200, "pilot")]
+    assert [(s.n_per_class, s.epochs, a) for s, a, _ in pilots] == [(100, 400, "pilot")]
     assert [(s.n_per_class, s.epochs, a, k) for s, a, k in runs] == [
         (50, 30, "se", 0), (50, 30, "baseline", 1), (50, 30, "se", 1)]  # fmt: skip
     record["pilot"]["100"] = {"epochs": 12}
@@ -254,3 +254,25 @@ def test_pilot_stops_once_decided_with_the_whole_pilots_choice(ev, tiny_pilot) -
     # stopped at the end of the chunk that decided, not after the pilot's 8 epochs
     assert early["trained_epochs"] == 2 * ((chosen[0] + 1) // 2) < 8
     assert early["log"] == whole["log"][: early["trained_epochs"]]
+
+
+def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
+    ev, tmp_path, monkeypatch
+) -> None:
+    results = tmp_path / "record.json"
+    record = ev.load_record(results)
+    record["pilot"]["50"] = fake_result(ev.Size(50, 400, 1), "pilot", 0)
+    ev.save_record(record, results)
+    calls = []
+
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0):
+        calls.append((size.n_per_class, arm, seed))
+        return fake_result(size, arm, seed)
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    monkeypatch.setattr(sys, "argv", ["evidence_v2", "--arms", "baseline", "--seeds", "1",
+                                      "--results", str(results),
+                                      "--work-dir", str(tmp_path / "w")])  # fmt: skip
+    ev.main()
+    # one round: the missing pilot first, with the recorded size's run; then the new size's run
+    assert calls == [(100, "pilot", 0), (50, "baseline", 0), (100, "baseline", 0)]

@@ -137,7 +137,7 @@ def spatial_entropy(
         # With m_k the mass of region k and T the total, sum_k P_k log P_k equals
         # sum_j (A_j / T) log(m_{r(j)} / T) over foreground pixels j: no per-region gather needed.
         # Rounding can push a lone region's share a hair above 1; clamping keeps the value >= 0.
-        share = (region_mass[ids].reshape(batch, heads, n) / safe_total).clamp(max=1.0)
+        share = (region_mass.gather(0, ids).reshape(batch, heads, n) / safe_total).clamp(max=1.0)
         usable = foreground & (share > 0)
         log_share = torch.log(torch.where(usable, share, torch.ones_like(share)))
         entropy = -((weights / safe_total) * log_share).sum(dim=-1)

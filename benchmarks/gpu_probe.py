@@ -1,0 +1,282 @@
+"""Where a small model's training step spends its time on a GPU: launch cost, loss, data.
+
+    python benchmarks/gpu_probe.py --device cuda --out probe.json
+
+Measures, in one process and side by side:
+
+- ``launch_us``: the host cost of one tiny kernel launch (1,000 in-place adds on one element),
+  which bounds any eager step of many small kernels from below;
+- the spatial-entropy loss forward + backward on 128x6 maps of a 14x14 grid: eager wall time,
+  the kernels it launches (torch.profiler) and their summed device time, and the same loss
+  through ``torch.cuda.make_graphed_callables`` (one graph launch forward, one backward);
+- one training step (bf16 autocast, AdamW) of the evidence benchmark's 14x14 ViT
+  (``se_vit_small_patch4_56``, batch 64, images already on the device) without and with the
+  regulariser, eager and with the graphed loss; kernels per step;
+- the plain step with the model's forward and backward as CUDA graphs (the floor graphs give);
+- the augmented data of one batch of 64 (the benchmark's CPU transform), ms per batch;
+- the engine training the evidence pilot's configuration for 15 epochs under cProfile, with
+  0 and 1 loader processes: seconds per step and where they go.
+
+On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spatial_entropy import AttentionCapture, create_model, spatial_entropy
+
+GRID = (14, 14)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def kernels(fn, device: str) -> dict:
+    """Kernels one call of ``fn`` launches and their summed device time (CUDA only)."""
+    if device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return {
+        "kernels": len(events),
+        "device_ms": sum(e.device_time_total for e in events) / 1e3,
+        "top": sorted(
+            ((e.name[:60], round(e.device_time_total, 1)) for e in events),
+            key=lambda item: -item[1],
+        )[:8],
+    }
+
+
+def launch_us(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    x = torch.zeros(1, device=device)
+
+    def launches() -> None:
+        for _ in range(1000):
+            x.add_(1)
+
+    return median_ms(launches, device, repeats=5) * 1e3 / 1000
+
+
+def graphed_loss(logits: torch.Tensor):
+    """The loss (mean over maps) as one graphed callable of the logits."""
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return spatial_entropy(x, GRID).mean()
+
+    sample = logits.detach().clone().requires_grad_(True)
+    return torch.cuda.make_graphed_callables(loss, (sample,))
+
+
+def loss_rows(device: str) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(128 * 6, 1, *GRID, generator=generator)
+    logits = F.avg_pool2d(F.pad(noise, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    logits = logits.reshape(128, 6, -1).to(device)
+
+    def eager() -> None:
+        x = logits.detach().requires_grad_(True)
+        spatial_entropy(x, GRID).mean().backward()
+
+    row = {"maps": "128x6 14x14", "eager_ms": median_ms(eager, device), **kernels(eager, device)}
+    if device == "cuda":
+        graphed = graphed_loss(logits)
+
+        def replay() -> None:
+            x = logits.detach().requires_grad_(True)
+            graphed(x).backward()
+
+        row["graphed_ms"] = median_ms(replay, device)
+        x = logits.detach().requires_grad_(True)
+        value = graphed(x)
+        value.backward()
+        y = logits.detach().requires_grad_(True)
+        reference = spatial_entropy(y, GRID).mean()
+        reference.backward()
+        same_value = torch.allclose(value, reference, atol=1e-6)
+        same_grad = torch.allclose(x.grad, y.grad, atol=1e-6)
+        row["graphed_matches_eager"] = bool(same_value and same_grad)
+    return row
+
+
+def step_rows(device: str, batch: int) -> dict:
+    model = create_model("se_vit_small_patch4_56", num_classes=10, in_chans=1).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.rand(batch, 1, 56, 56, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    capture = AttentionCapture(model)
+    graphed = None
+
+    def step(mode: str) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(images), labels)
+        if mode == "se":
+            loss = loss + 0.01 * spatial_entropy(capture.logits, capture.grid_shape).mean()
+        elif mode == "se_graphed":
+            loss = loss + 0.01 * graphed(capture.logits.float())
+        loss.backward()
+        optimizer.step()
+
+    rows = {"model": "se_vit_small_patch4_56", "batch": batch}
+    step("se")
+    if device == "cuda":
+        graphed = graphed_loss(capture.logits.float())
+    modes = ["plain", "se"] + (["se_graphed"] if graphed is not None else [])
+    for _ in range(3):
+        for mode in modes:
+            step(mode)
+    times = {mode: [] for mode in modes}
+    for _ in range(15):  # alternating, so drift hits every mode alike
+        for mode in modes:
+            sync(device)
+            start = time.perf_counter()
+            step(mode)
+            sync(device)
+            times[mode].append(time.perf_counter() - start)
+    for mode in modes:
+        rows[f"{mode}_ms"] = statistics.median(times[mode]) * 1e3
+        rows[f"{mode}_kernels"] = kernels(lambda mode=mode: step(mode), device)
+    capture.remove()
+    return rows
+
+
+def graphed_model_step_ms(device: str, batch: int) -> dict:
+    """The plain step (no regulariser) with the model's forward and backward as CUDA graphs
+    (``make_graphed_callables``; autocast inside with its cache off), AdamW eager: the floor
+    that graphs would give a step of many small kernels."""
+    if device != "cuda":
+        return {}
+    model = create_model("se_vit_small_patch4_56", num_classes=10, in_chans=1).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.rand(batch, 1, 56, 56, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+
+    class Bf16(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                return self.inner(x).float()
+
+    graphed = torch.cuda.make_graphed_callables(Bf16(model), (images,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(graphed(images), labels).backward()
+        optimizer.step()
+
+    return {"graphed_plain_ms": median_ms(step, device), **kernels(step, device)}
+
+
+def data_ms() -> float:
+    from spatial_entropy.data import build_dataset
+
+    dataset = build_dataset(
+        "cluttered-fashion", "train", img_size=56, is_train=True, augment={}, n_per_class=100
+    )
+    start = time.perf_counter()
+    for i in range(256):
+        dataset[i % len(dataset)]
+    return (time.perf_counter() - start) * 1e3 / 4  # per 64 images
+
+
+def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
+    """The evidence pilot's configuration (n = 50, 56 px, batch 64) trained by the engine for
+    ``epochs`` epochs under cProfile: seconds per step and the functions that take the time."""
+    import cProfile
+    import io
+    import pstats
+    import shutil
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import evidence_v2 as ev
+    from spatial_entropy.config import load_config
+    from spatial_entropy.engine import train
+
+    size = ev.Size(50, 400, 1)
+    values = ev.recipe(size, 0, ev.Variant(img_size=ev.IMG_SIZE), device) | {"model": ev.VIT}
+    values |= {"num_workers": num_workers, "max_steps": epochs * 7, "eval_every": 20}
+    run_dir = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    try:
+        metrics = profiler.runcall(train, load_config(values=values), run_dir / "run")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    lines = [line for line in text.getvalue().splitlines() if "/" in line or "{" in line]
+    return {"num_workers": num_workers, "steps": metrics["steps"], "wall_s": wall,
+            "s_per_step": wall / metrics["steps"], "top": lines[:30]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--parts", nargs="*", default=None, help="default: all")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    parts = {
+        "launch_us": lambda: launch_us(args.device),
+        "loss": lambda: loss_rows(args.device),
+        "step": lambda: step_rows(args.device, args.batch),
+        "graphed_step": lambda: graphed_model_step_ms(args.device, args.batch),
+        "data_ms_per_64": data_ms,
+        "engine_workers0": lambda: engine_profile(args.device, 0),
+        "engine_workers1": lambda: engine_profile(args.device, 1),
+    }
+    for name, part in parts.items():
+        if args.parts is not None and name not in args.parts:
+            continue
+        try:
+            result[name] = part()
+        except Exception as error:  # report it and go on with the other parts
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+        print(name, json.dumps(result[name]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
