@@ -13,7 +13,8 @@ Prints, per shape, the median forward + backward time of
   (for all maps at once: the fastest form of that structure);
 - ``ours``: ``spatial_entropy`` with ``backend="auto"`` (scipy on CPU; on CUDA the transitive
   closure up to 576 patches, propagation above), and with ``--alternatives`` the other exact
-  labellers (``closure``, ``propagate``, ``scipy``) on the same logits;
+  labellers (``closure``, ``propagate``, ``scipy``) on the same logits, and the loss under
+  ``torch.compile`` at 128x6, 14x14;
 
 and on CUDA the host synchronisations per call of each (``torch.cuda.set_sync_debug_mode``).
 Then the share of one training step (forward, backward, AdamW) that the loss costs: for the
@@ -26,6 +27,7 @@ measured side by side in this one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -231,6 +233,36 @@ def loss_rows(device: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def compiled_row(device: str, repeats: int) -> dict:
+    """The loss (``backend="torch"``, the sync-free path ``auto`` takes on CUDA) under
+    ``torch.compile(fullgraph=True)`` (inductor: element-wise kernels fused) at 128x6, 14x14,
+    against eager in the same repeats; compile time excluded (warm-up)."""
+    logits = smooth_logits(128, 6, (14, 14)).to(device)
+    eager = functools.partial(spatial_entropy, backend="torch")  # the sync-free path
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+    start = time.perf_counter()
+    forward_backward(compiled, logits, (14, 14))()
+    compile_s = time.perf_counter() - start
+    eager_ms, compiled_ms = time_calls(
+        [forward_backward(eager, logits, (14, 14)),
+         forward_backward(compiled, logits, (14, 14))], repeats, device
+    )  # fmt: skip
+    x, y = (logits.detach().requires_grad_(True) for _ in range(2))
+    value, reference = compiled(x, (14, 14)), eager(y, (14, 14))
+    value.sum().backward()
+    reference.sum().backward()
+    return {
+        "logits": "smooth 128x6 14x14",
+        "eager_ms": eager_ms,
+        "compiled_ms": compiled_ms,
+        "compile_s": compile_s,
+        "matches_eager": bool(
+            torch.allclose(value, reference, atol=1e-5)
+            and torch.allclose(x.grad, y.grad, atol=1e-5)
+        ),
+    }
+
+
 def train_step_ms(
     name: str,
     batch: int,
@@ -375,6 +407,13 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as error:  # report what stands in the way instead of stopping the run
             result["cuda_graph"] = {"captured": False, "error": f"{type(error).__name__}: {error}"}
         print(f"CUDA graph of the loss forward + backward: {result['cuda_graph']}")
+    if args.alternatives:
+        try:
+            result["compiled"] = compiled_row(device, args.repeats)
+        except Exception as error:  # report what stands in the way instead of stopping the run
+            result["compiled"] = {"error": f"{type(error).__name__}: {error}"}
+        print(f"torch.compile of the loss: {result['compiled']}")
+        save()
     result["train_steps"] = steps = [
         train_step_ms(
             BENCHMARK_MODEL, args.step_batch, device, args.repeats, img_size=64, num_classes=10

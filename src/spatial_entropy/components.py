@@ -166,12 +166,17 @@ def _label_closure(
     if dtype is None:
         dtype = torch.float16 if maps.device.type == "cuda" else torch.float32
     flat = maps.reshape(m, n)
-    foreground = flat.to(dtype)
-    adjacency = _neighbours(h, w, connectivity, maps.device).to(dtype)
+    # The matrices are padded to a multiple of 8 pixels, which half-precision tensor-core
+    # matmuls need for their aligned kernels (196 -> 200 at 14x14). Padded pixels are
+    # background: no edge, never reachable, so every label is unchanged.
+    padded = -(-n // 8) * 8
+    foreground = F.pad(flat.to(dtype), (0, padded - n))
+    adjacency = F.pad(_neighbours(h, w, connectivity, maps.device).to(dtype),
+                      (0, padded - n, 0, padded - n))  # fmt: skip
     reach = adjacency * foreground.unsqueeze(2) * foreground.unsqueeze(1)
     for _ in range(max(n - 2, 0).bit_length()):  # ceil(log2(N - 1)) squarings, 0 for N <= 2
         reach = torch.bmm(reach, reach).clamp_(max=1)
-    first = reach.argmax(dim=2)
+    first = reach[:, :n, :].argmax(dim=2)  # a padded column is 0 everywhere: never the first
     offset = torch.arange(m, device=maps.device).view(-1, 1) * n
     background = torch.full((), m * n, dtype=torch.int64, device=maps.device)
     return torch.where(flat, first + offset, background).reshape(m, h, w)
