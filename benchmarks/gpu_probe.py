@@ -15,7 +15,9 @@ Measures, in one process and side by side:
 - the plain step with the model's forward and backward as CUDA graphs (the floor graphs give);
 - the augmented data of one batch of 64 (the benchmark's CPU transform), ms per batch;
 - the engine training the evidence pilot's configuration for 15 epochs under cProfile, with
-  0 and 1 loader processes: seconds per step and where they go.
+  0 and 1 loader processes: seconds per step and where they go;
+- 1, 2, 4 and 8 such runs at once, one process each: seconds per step of each and steps per
+  second of all together (how many runs side by side pay).
 
 On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the script.
 """
@@ -215,12 +217,9 @@ def data_ms() -> float:
     return (time.perf_counter() - start) * 1e3 / 4  # per 64 images
 
 
-def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
+def engine_run(device: str, num_workers: int, epochs: int, profiler=None) -> tuple[dict, float]:
     """The evidence pilot's configuration (n = 50, 56 px, batch 64) trained by the engine for
-    ``epochs`` epochs under cProfile: seconds per step and the functions that take the time."""
-    import cProfile
-    import io
-    import pstats
+    ``epochs`` epochs in a scratch directory; its metrics and the wall time of the call."""
     import shutil
     import sys
     import tempfile
@@ -234,18 +233,53 @@ def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
     values = ev.recipe(size, 0, ev.Variant(img_size=ev.IMG_SIZE), device) | {"model": ev.VIT}
     values |= {"num_workers": num_workers, "max_steps": epochs * 7, "eval_every": 20}
     run_dir = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    profiler = cProfile.Profile()
+    call = profiler.runcall if profiler is not None else (lambda fn, *a: fn(*a))
     start = time.perf_counter()
     try:
-        metrics = profiler.runcall(train, load_config(values=values), run_dir / "run")
+        metrics = call(train, load_config(values=values), run_dir / "run")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    wall = time.perf_counter() - start
+    return metrics, time.perf_counter() - start
+
+
+def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
+    """`engine_run` under cProfile: seconds per step and the functions that take the time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    metrics, wall = engine_run(device, num_workers, epochs, profiler)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
     lines = [line for line in text.getvalue().splitlines() if "/" in line or "{" in line]
     return {"num_workers": num_workers, "steps": metrics["steps"], "wall_s": wall,
             "s_per_step": wall / metrics["steps"], "top": lines[:30]}  # fmt: skip
+
+
+def _parallel_member(device: str, epochs: int) -> tuple[int, float]:
+    torch.set_num_threads(1)
+    metrics, _ = engine_run(device, 1, epochs)
+    return metrics["steps"], metrics["train_time_s"]
+
+
+def engine_parallel(device: str, counts=(1, 2, 4, 8), epochs: int = 10) -> list[dict]:
+    """K engine runs at once, each its own process with one loader process (as the evidence
+    runs): seconds per step of each (its training loop's own clock) and the steps per second
+    of all K together, for each K in ``counts``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = []
+    for k in counts:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(k, mp_context=context) as pool:
+            done = list(pool.map(_parallel_member, [device] * k, [epochs] * k))
+        per_step = [seconds / steps for steps, seconds in done]
+        rows.append({"runs": k, "s_per_step": statistics.fmean(per_step),
+                     "steps_per_s_together": sum(1 / s for s in per_step)})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -254,6 +288,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--parts", nargs="*", default=None, help="default: all")
+    parser.add_argument("--runs-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--engine-epochs", type=int, default=10, help="of engine_parallel")
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
@@ -265,6 +301,9 @@ def main() -> None:
         "data_ms_per_64": data_ms,
         "engine_workers0": lambda: engine_profile(args.device, 0),
         "engine_workers1": lambda: engine_profile(args.device, 1),
+        "engine_parallel": lambda: engine_parallel(
+            args.device, args.runs_at_once, args.engine_epochs
+        ),
     }
     for name, part in parts.items():
         if args.parts is not None and name not in args.parts:

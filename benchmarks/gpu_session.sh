@@ -12,11 +12,13 @@
 # ends by itself about 20 s before SECONDS and leaves at most 8 files in $OUT:
 #   checks.txt            CUDA tests and the loss-speed table as printed
 #   loss_speed_cuda.json  every labeller with its host syncs, the CUDA-graph capture of the loss,
-#                         one bf16 training step of the benchmark model and of ViT-S/16, ViT-B/16,
-#                         ViT-S/16@384 with and without the regulariser
+#                         the loss under torch.compile, one bf16 training step of the benchmark
+#                         model and of ViT-S/16, ViT-B/16, ViT-S/16@384 with and without it
+#   gpu_probe.json        launch cost, the loss's kernels, the step graphed, 1-8 runs at once
 #   smokes.txt            the training smokes' last lines
-#   evidence_v2.json/.md/.png, evidence.log   the record (continuing the committed one), report
-#   gpu_util.txt          GPU utilisation and memory every 10 s during the evidence run
+#   evidence_v2.json/.md  the record (continuing the committed one) and its report
+#   evidence.log          the evidence run's lines, then GPU utilisation every 10 s during it
+# (the plot is left out: `evidence_v2.py --report` draws it again from the JSON)
 # Copy evidence_v2.json and loss_speed_cuda.json into benchmarks/results/ and commit them.
 #
 # `checks` and `session` tried on the CPU: `SMOKE=1 bash benchmarks/gpu_session.sh session 600`
@@ -39,12 +41,14 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
         --models vit_small_patch16_224)
     evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
+    probe=(--runs-at-once 1 --engine-epochs 1)
 else
     device=cuda
     speed=()
     # 8 runs side by side, each with one loader process: 16 cores (the augmentation of a batch
     # of 64 costs ~30 ms of one core, as much as the GPU step of this small model)
     evidence_extra=(--jobs 8 --threads 1 --num-workers 1)
+    probe=()
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
     export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
@@ -125,19 +129,24 @@ session)
     {
         cuda_tests
         loss_speed 200
+        echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
+        timeout 150 $py benchmarks/gpu_probe.py --device $device --parts loss step \
+            engine_parallel "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
     left=$((total - (SECONDS - start) - 20))
     echo "== evidence for $left s (checks took $((SECONDS - start)) s)"
     if [ $device = cuda ]; then
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 \
-            > "$OUT/gpu_util.txt" 2>&1 &
+            > /tmp/gpu_util.txt 2>&1 &
         util=$!
     fi
     (sleep 20; smokes 150 $((start + total - 30)) > "$OUT/smokes.txt" 2>&1) &
     smoke=$!
     evidence $left
     kill ${util:-} 2>/dev/null
+    [ -f /tmp/gpu_util.txt ] && cat /tmp/gpu_util.txt >> "$OUT/evidence.log"
+    rm -f "$OUT/evidence_v2.png"
     wait $smoke 2>/dev/null
     echo "== smokes"; cat "$OUT/smokes.txt" 2>/dev/null
     echo "== session took $((SECONDS - start)) s"
