@@ -13,7 +13,8 @@ Prints, per shape, the median forward + backward time of
   (for all maps at once: the fastest form of that structure);
 - ``ours``: ``spatial_entropy`` with ``backend="auto"`` (scipy on CPU; on CUDA the transitive
   closure up to 576 patches, propagation above), and with ``--alternatives`` the other exact
-  labellers (``closure``, ``propagate``, ``scipy``) on the same logits, and the loss under
+  labellers (``closure``, over row runs; ``closure_pixels``, the closure over pixels it
+  replaced; ``propagate``, ``scipy``) on the same logits, and the loss under
   ``torch.compile`` at 128x6, 14x14;
 
 and on CUDA the host synchronisations per call of each (``torch.cuda.set_sync_debug_mode``).
@@ -35,13 +36,16 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from spatial_entropy import reference_spatial_entropy, spatial_entropy
+from spatial_entropy import components, reference_spatial_entropy, spatial_entropy
+
+pixel_closure = components._label_closure_pixels
 
 SHAPES = [
     (64, 3, (8, 8)),
@@ -188,7 +192,8 @@ def loss_rows(device: str, args: argparse.Namespace) -> list[dict]:
         cases.append((f"{name} 128x{logits.shape[1]} {grid[0]}x{grid[1]}", logits, grid))
     ours = {"ours": "auto"}
     if args.alternatives:
-        ours |= {"closure": "closure", "propagate": "propagate", "scipy": "scipy"}
+        ours |= {"closure": "closure", "closure_pixels": "closure_pixels",
+                 "propagate": "propagate", "scipy": "scipy"}  # fmt: skip
     header = f"{'logits':<36} {'reference ms':>13} {'authors ms':>11}"
     header += "".join(f" {name + ' ms':>12}" for name in ours)
     header += f" {'vs reference':>13} {'vs authors':>11}"
@@ -214,6 +219,9 @@ def loss_rows(device: str, args: argparse.Namespace) -> list[dict]:
         for name, backend in ours.items():
 
             def loss(x, g, backend=backend):
+                if backend == "closure_pixels":  # the closure over pixels, not row runs
+                    with mock.patch.object(components, "_label_closure", pixel_closure):
+                        return spatial_entropy(x, g, backend="closure")
                 return spatial_entropy(x, g, backend=backend)
 
             row[f"{name}_ms"] = time_call(

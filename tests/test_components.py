@@ -256,3 +256,22 @@ def test_unsettled_maps_finish_after_the_check(name: str, initial_rounds: int) -
     for grid, ours, theirs in zip(maps, roots, expected, strict=True):
         pairs = set(zip(theirs[grid].tolist(), ours[grid].tolist(), strict=True))
         assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 9), (9, 1), (2, 2), (3, 3), (7, 4), (14, 14), (14, 10), (5, 13), (24, 24)]
+)
+def test_run_closure_equals_the_pixel_closure(shape: tuple[int, int], connectivity: int) -> None:
+    # The closure over row runs (what "closure" runs) against the closure over pixels, in
+    # float64, on random masks of every density; roots are the same flat indices.
+    from spatial_entropy.components import _label_closure, _label_closure_pixels
+
+    generator = torch.Generator().manual_seed(sum(shape) + connectivity)
+    maps = torch.cat([torch.rand(8, *shape, generator=generator) < p for p in (0.2, 0.5, 0.8)])
+    for dtype in (torch.float32, torch.float16):
+        expected = _label_closure_pixels(maps, connectivity, dtype=torch.float64)
+        assert torch.equal(_label_closure(maps, connectivity, dtype=dtype), expected)
+    adversarial = torch.stack([ADVERSARIAL[name] for name in ("spiral_24",)])
+    assert torch.equal(_label_closure(adversarial, connectivity),
+                       _label_closure_pixels(adversarial, connectivity))  # fmt: skip
