@@ -16,6 +16,8 @@ Measures, in one process and side by side:
 - the augmented data of one batch of 64 (the benchmark's CPU transform), ms per batch;
 - the engine training the evidence pilot's configuration for 15 epochs under cProfile, with
   0 and 1 loader processes: seconds per step and where they go;
+- that run eager, compiled (inductor's default and reduce-overhead modes) and without its
+  epoch-end checkpoints: seconds per step of the loop and per epoch outside it;
 - 1, 2, 4 and 8 such runs at once, one process each: seconds per step of each and steps per
   second of all together (how many runs side by side pay).
 
@@ -25,6 +27,7 @@ On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the scr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -217,9 +220,13 @@ def data_ms() -> float:
     return (time.perf_counter() - start) * 1e3 / 4  # per 64 images
 
 
-def engine_run(device: str, num_workers: int, epochs: int, profiler=None) -> tuple[dict, float]:
+def engine_run(
+    device: str, num_workers: int, epochs: int, profiler=None, overrides: dict | None = None
+) -> tuple[dict, float, list[dict]]:
     """The evidence pilot's configuration (n = 50, 56 px, batch 64) trained by the engine for
-    ``epochs`` epochs in a scratch directory; its metrics and the wall time of the call."""
+    ``epochs`` epochs in a scratch directory (``overrides``: other config keys); its metrics,
+    the wall time of the call and its log rows."""
+    import csv
     import shutil
     import sys
     import tempfile
@@ -232,14 +239,58 @@ def engine_run(device: str, num_workers: int, epochs: int, profiler=None) -> tup
     size = ev.Size(50, 400, 1)
     values = ev.recipe(size, 0, ev.Variant(img_size=ev.IMG_SIZE), device) | {"model": ev.VIT}
     values |= {"num_workers": num_workers, "max_steps": epochs * 7, "eval_every": 20}
+    values |= overrides or {}
     run_dir = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     call = profiler.runcall if profiler is not None else (lambda fn, *a: fn(*a))
     start = time.perf_counter()
     try:
         metrics = call(train, load_config(values=values), run_dir / "run")
+        wall = time.perf_counter() - start
+        with open(run_dir / "run" / "log.csv", newline="") as f:
+            log = list(csv.DictReader(f))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return metrics, time.perf_counter() - start
+    return metrics, wall, log
+
+
+def engine_variants(device: str, epochs: int = 15) -> list[dict]:
+    """The same short run eager, compiled (inductor, default and reduce-overhead modes), and
+    eager with the epoch-end checkpoint writes skipped: seconds per step of the training loop
+    after its first 5 epochs (compilation done), and seconds per epoch outside it (checkpoint,
+    evaluation, log)."""
+    from unittest import mock
+
+    import spatial_entropy.engine as engine
+
+    variants = {
+        "eager": ({}, False),
+        "compile_default": ({"compile": True}, False),
+        "compile_reduce_overhead": ({"compile": True, "compile_mode": "reduce-overhead"}, False),
+        "eager_no_checkpoints": ({}, True),
+    }
+    rows = []
+    for name, (overrides, skip_saves) in variants.items():
+        no_saves = mock.patch.object(engine, "save_checkpoint", lambda *args, **kwargs: None)
+        try:
+            with no_saves if skip_saves else contextlib.nullcontext():
+                metrics, wall, log = engine_run(device, 1, epochs, overrides=overrides)
+        except Exception as error:  # report it, go on with the next variant
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:400]})
+            print(rows[-1], flush=True)
+            continue
+        later_steps = int(log[-1]["step"]) - int(log[4]["step"])
+        later_time = sum(float(row["epoch_time_s"]) for row in log[5:])
+        loop = sum(float(row["epoch_time_s"]) for row in log)
+        rows.append({
+            "variant": name,
+            "s_per_step_after_5_epochs": later_time / max(1, later_steps),
+            "s_per_epoch_outside_the_loop": (metrics["train_time_s"] - loop) / len(log),
+            "train_time_s": metrics["train_time_s"],
+            "wall_s": wall,
+            "top1": metrics["top1"],
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
@@ -249,7 +300,7 @@ def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
     import pstats
 
     profiler = cProfile.Profile()
-    metrics, wall = engine_run(device, num_workers, epochs, profiler)
+    metrics, wall, _ = engine_run(device, num_workers, epochs, profiler)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
     lines = [line for line in text.getvalue().splitlines() if "/" in line or "{" in line]
@@ -259,7 +310,7 @@ def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
 
 def _parallel_member(device: str, epochs: int) -> tuple[int, float]:
     torch.set_num_threads(1)
-    metrics, _ = engine_run(device, 1, epochs)
+    metrics, _, _ = engine_run(device, 1, epochs)
     return metrics["steps"], metrics["train_time_s"]
 
 
@@ -289,7 +340,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--parts", nargs="*", default=None, help="default: all")
     parser.add_argument("--runs-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--engine-epochs", type=int, default=10, help="of engine_parallel")
+    parser.add_argument(
+        "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
@@ -301,6 +354,7 @@ def main() -> None:
         "data_ms_per_64": data_ms,
         "engine_workers0": lambda: engine_profile(args.device, 0),
         "engine_workers1": lambda: engine_profile(args.device, 1),
+        "engine_variants": lambda: engine_variants(args.device, max(6, args.engine_epochs)),
         "engine_parallel": lambda: engine_parallel(
             args.device, args.runs_at_once, args.engine_epochs
         ),

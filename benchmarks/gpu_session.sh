@@ -6,10 +6,12 @@
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py)
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
-# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests and the
-# loss-speed table first, on a quiet GPU (timings); then the evidence run for the time left,
-# with the training smokes (fp16, torch.compile, torchrun + resume, evaluate) beside it. It
-# ends by itself about 20 s before SECONDS and leaves at most 8 files in $OUT:
+# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests, the
+# loss-speed table and the probe (benchmarks/gpu_probe.py: the loss's kernels, the engine's step
+# eager / compiled / CUDA-graphed, 1-8 runs at once) first, on a quiet GPU (timings); then,
+# if at least 4 minutes are left, the evidence run for the time left, with the training smokes
+# (fp16, torch.compile, torchrun + resume, evaluate) beside it. It ends by itself about 20 s
+# before SECONDS and leaves at most 8 files in $OUT:
 #   checks.txt            CUDA tests and the loss-speed table as printed
 #   loss_speed_cuda.json  every labeller with its host syncs, the CUDA-graph capture of the loss,
 #                         the loss under torch.compile, one bf16 training step of the benchmark
@@ -41,7 +43,7 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
         --models vit_small_patch16_224)
     evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
-    probe=(--runs-at-once 1 --engine-epochs 1)
+    probe=(--runs-at-once 1 --engine-epochs 1 --parts loss step)
 else
     device=cuda
     speed=()
@@ -130,11 +132,16 @@ session)
         cuda_tests
         loss_speed 200
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
-        timeout 150 $py benchmarks/gpu_probe.py --device $device --parts loss step \
-            engine_parallel "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
+        timeout 300 $py benchmarks/gpu_probe.py --device $device --parts loss step \
+            engine_variants engine_parallel "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
+            | strip | cut -c1-400
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
     left=$((total - (SECONDS - start) - 20))
+    if [ $left -lt 240 ]; then  # too little for any run to finish: nothing would be recorded
+        echo "== no evidence run: $left s left after the checks ($((SECONDS - start)) s)"
+        exit 0
+    fi
     echo "== evidence for $left s (checks took $((SECONDS - start)) s)"
     if [ $device = cuda ]; then
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 \

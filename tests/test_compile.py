@@ -30,6 +30,28 @@ def _tiny_vit() -> torch.nn.Module:
     )  # fmt: skip
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_inductor(monkeypatch):
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = _tiny_vit()
+    compile_model(model, "inductor", "reduce-overhead")
+    compile_model(model, "inductor")
+    assert seen == [{"backend": "inductor", "mode": "reduce-overhead"},
+                    {"backend": "inductor", "mode": None}]  # fmt: skip
+    with pytest.raises(ValueError, match="needs the inductor backend"):
+        compile_model(model, BACKEND, "reduce-overhead")
+    assert load_config(values={"compile_mode": "reduce-overhead"}).compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode"):
+        load_config(values={"compile_mode": "fastest"})
+    with pytest.raises(ValueError, match="needs compile_backend 'inductor'"):
+        load_config(values={"compile_mode": "max-autotune", "compile_backend": BACKEND})
+
+
 def test_unwrap_model_sees_through_compile():
     model = _tiny_vit()
     compiled = compile_model(model, BACKEND)

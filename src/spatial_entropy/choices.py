@@ -6,7 +6,7 @@ imports nothing, so the parser and the config use it without loading torch.
 
 from __future__ import annotations
 
-__all__ = ["AMP_MODES", "DEVICES", "SCHEDULES", "SPLITS"]
+__all__ = ["AMP_MODES", "COMPILE_MODES", "DEVICES", "SCHEDULES", "SPLITS"]
 
 SCHEDULES = ("constant", "warmup_cosine")
 """Schedules of the spatial-entropy weight λ(t), see ``entropy.se_weight``."""
@@ -16,6 +16,10 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 DEVICES = ("auto", "cpu", "cuda")
 """Where to run; ``"auto"`` is CUDA when available, see ``distributed.resolve_device``."""
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes (inductor): ``"reduce-overhead"`` replays CUDA graphs, which removes
+the launch cost of a step of many small kernels; see ``models.compile_model``."""
 
 SPLITS = ("train", "val", "test")
 """Dataset splits that every dataset answers to, see ``data.build_dataset``."""

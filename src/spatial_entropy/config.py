@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from spatial_entropy.choices import AMP_MODES, DEVICES, SCHEDULES
+from spatial_entropy.choices import AMP_MODES, COMPILE_MODES, DEVICES, SCHEDULES
 
 __all__ = [
     "DRLocConfig",
@@ -169,12 +169,14 @@ class TrainConfig:
     log_every: int = 10  # steps between progress-bar refreshes (each one syncs the device)
     compile: bool = False  # run the model through torch.compile (as timm's --torchcompile)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation)
+    compile_mode: str = "default"  # inductor's mode; "reduce-overhead": CUDA graphs
 
     def __post_init__(self) -> None:
         choices = {
             "se.schedule": (self.se.schedule, SCHEDULES),
             "amp": (self.amp, AMP_MODES),
             "device": (self.device, DEVICES),
+            "compile_mode": (self.compile_mode, COMPILE_MODES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -185,6 +187,11 @@ class TrainConfig:
                 value = getattr(value, part)
             if value is not None and not _in_range(value, low, high):
                 raise ValueError(f"config key {key!r} must be {_describe(low, high)}, got {value}")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(
+                f"config key 'compile_mode' {self.compile_mode!r} needs compile_backend "
+                f"'inductor' (got {self.compile_backend!r})"
+            )
         if self.n_per_class is not None and self.fraction is not None:
             raise ValueError(
                 f"config key 'fraction' cannot be set together with 'n_per_class' "

@@ -435,7 +435,7 @@ def build_training_run(
             if reg.module is not None:
                 reg.module = DistributedDataParallel(reg.module, device_ids=device_ids)
     if cfg.compile:  # last: after DDP (as timm) and after the hooks, which dynamo traces
-        model = compile_model(model, cfg.compile_backend)
+        model = compile_model(model, cfg.compile_backend, cfg.compile_mode)
     criterion, mixup = _criterion(cfg, num_classes)
     return TrainingRun(
         cfg, info, model, optimizer, scheduler, scaler, criterion, regularizers, mixup, ema,

@@ -341,8 +341,9 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; {hint}")
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """``torch.compile(model, backend=backend)``, after checking that this PyTorch can compile.
+def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
+    """``torch.compile(model, backend=backend, mode=mode)``, after checking that this PyTorch
+    can compile.
 
     Compile after wrapping in ``DistributedDataParallel`` (as timm does; dynamo then splits
     the graph at DDP's gradient buckets) and after attaching forward hooks such as
@@ -356,6 +357,10 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
         backend: a registered ``torch.compile`` backend: ``"inductor"`` generates fused
             kernels (C++ on CPU, Triton on GPU; the first step compiles, tens of seconds),
             ``"aot_eager"`` traces forward and backward without generating code (for tests).
+        mode: inductor's mode (:data:`~spatial_entropy.choices.COMPILE_MODES`):
+            ``"reduce-overhead"`` records the compiled forward and backward as CUDA graphs and
+            replays them, one launch each, which pays on a GPU when a step is many small kernels
+            (a small model); the other backends take only ``"default"``.
 
     Raises:
         RuntimeError: this PyTorch has no ``torch.compile`` on this Python or platform.
@@ -376,7 +381,9 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
             f"unknown torch.compile backend {backend!r} (compile_backend); {hint}"
             f"registered: {', '.join(backends)}"
         )
-    return torch.compile(model, backend=backend)
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"compile_mode {mode!r} needs the inductor backend, not {backend!r}")
+    return torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
 
 
 def _read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
