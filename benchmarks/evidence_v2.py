@@ -34,7 +34,7 @@ finishes, atomically; an invocation skips every run recorded there, so a fresh m
 without ``runs/`` continues where the last one stopped. Runs go in seed order (seed 0 of every
 size and arm, then seed 1, ...), so a partial record stays paired.
 
-    timeout 150m python benchmarks/evidence_v2.py --sizes 50 --threads 2  # CPU, one session
+    timeout 150m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1  # CPU
     bash benchmarks/gpu_session.sh evidence 10                            # a lent GPU
     python benchmarks/evidence_v2.py --report benchmarks/results/evidence_v2.json
 
@@ -78,6 +78,9 @@ from spatial_entropy.evaluation import evaluate_run, load_run  # noqa: E402
 from spatial_entropy.loader import build_eval_loader, build_train_loader  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "evidence_v2.json"
+# Runs made on a CPU go to their own record, so that the arms of every seed share a device
+# (a GPU's bf16 and a CPU's float32 differ a little; paired differences should not carry that).
+RESULTS_CPU = RESULTS.with_name("evidence_v2_cpu.json")
 IMG_SIZE = 56
 VIT = "se_vit_small_patch4_56"
 CONVIT = "se_convit_small_patch4_56"
@@ -532,7 +535,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--arms", nargs="+", default=None, help="default: every enabled arm")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the record (read, extended)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the record (read, extended); default evidence_v2.json for "
+                        "--device cuda, evidence_v2_cpu.json for --device cpu")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path("runs") / "evidence_v2")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
@@ -556,7 +561,9 @@ def main() -> None:
     unknown = set(arm_names) - set(arms())
     if unknown:
         parser.error(f"--arms: unknown or disabled {sorted(unknown)}; enabled: {list(arms())}")
-    if args.pilot_epochs and args.results.resolve() == RESULTS.resolve():
+    if args.results is None:
+        args.results = RESULTS if args.device == "cuda" else RESULTS_CPU
+    if args.pilot_epochs and args.results.resolve() in (RESULTS.resolve(), RESULTS_CPU.resolve()):
         parser.error("--pilot-epochs changes the protocol: give a scratch --results")
     if args.pilot_epochs:
         PILOT_EPOCHS.update(dict.fromkeys(PILOT_EPOCHS, args.pilot_epochs))

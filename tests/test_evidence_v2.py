@@ -276,3 +276,24 @@ def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
     ev.main()
     # one round: the missing pilot first, with the recorded size's run; then the new size's run
     assert calls == [(100, "pilot", 0), (50, "baseline", 0), (100, "baseline", 0)]
+
+
+def test_cpu_and_gpu_runs_go_to_separate_records_by_default(ev, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(ev, "RESULTS", tmp_path / "gpu.json")
+    monkeypatch.setattr(ev, "RESULTS_CPU", tmp_path / "cpu.json")
+    monkeypatch.setattr(ev, "device_name", lambda device: device)  # no GPU here
+    monkeypatch.setattr(
+        ev, "run_arm", lambda size, arm, seed, *rest, **kw: fake_result(size, arm, seed)
+    )
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(sys, "argv", ["evidence_v2", "--sizes", "50", "--arms", "baseline",
+                                          "--seeds", "1", "--device", device,
+                                          "--work-dir", str(tmp_path / device)])  # fmt: skip
+        ev.main()
+    for name in ("cpu.json", "gpu.json"):
+        record = json.loads((tmp_path / name).read_text())
+        assert [r["arm"] for r in record["runs"]] == ["baseline"] and "50" in record["pilot"]
+    # a smoke test's shortened pilot may write to neither
+    monkeypatch.setattr(sys, "argv", ["evidence_v2", "--pilot-epochs", "1", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        ev.main()
