@@ -27,7 +27,6 @@ On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the scr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -272,7 +271,7 @@ def engine_variants(device: str, epochs: int = 15) -> list[dict]:
     for name, (overrides, skip_saves) in variants.items():
         no_saves = mock.patch.object(engine, "save_checkpoint", lambda *args, **kwargs: None)
         try:
-            with no_saves if skip_saves else contextlib.nullcontext():
+            with no_saves if skip_saves else nullcontext():
                 metrics, wall, log = engine_run(device, 1, epochs, overrides=overrides)
         except Exception as error:  # report it, go on with the next variant
             rows.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:400]})
