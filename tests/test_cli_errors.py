@@ -115,3 +115,19 @@ def test_debug_shows_the_cause_where_a_command_words_its_own_message(tmp_path, c
     assert line.startswith("spatial-entropy attention: ")
     with pytest.raises((OSError, ValueError), match="no-run"):
         main([*argv, "--debug"])
+
+
+def test_ctrl_c_ends_in_one_line_saying_how_to_continue(tmp_path, capsys, monkeypatch):
+    import spatial_entropy.engine as engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, ["train", "--output", str(run), *TINY])
+    line = assert_one_line_error(code, err, "interrupted", f"--output {run} --resume auto")
+    assert code == 130 and line.startswith("spatial-entropy train: ")
+    monkeypatch.setenv("SPATIAL_ENTROPY_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--output", str(run), *TINY])

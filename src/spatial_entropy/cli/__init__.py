@@ -58,8 +58,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``spatial-entropy ARGV``; return the exit code.
 
-    An error ends in one line on stderr (``spatial-entropy COMMAND: message``) and exit code 1;
-    with ``--debug`` or ``SPATIAL_ENTROPY_DEBUG=1`` the exception propagates with its traceback.
+    An error ends in one line on stderr (``spatial-entropy COMMAND: message``) and exit code 1,
+    Ctrl-C in one line and exit code 130 (for ``train``, with the command that continues the
+    run); with ``--debug`` or ``SPATIAL_ENTROPY_DEBUG=1`` the exception propagates with its
+    traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -77,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(" ".join(exc.code.split()), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, and how to continue a training run
+        if debug:
+            raise
+        hint = ""
+        if args.command == "train":
+            hint = (f"; `{parser.prog} train --output {args.output} --resume auto` continues from "
+                    "its last checkpoint")  # fmt: skip
+        print(f"{parser.prog} {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except Exception as exc:
         if debug:
             raise
