@@ -306,11 +306,16 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
 
 
 def _folder_images(
-    folder: Path, transform, in_chans: int, count: int, masks_dir: Path | None = None
+    folder: Path,
+    transform,
+    in_chans: int,
+    count: int,
+    masks_dir: Path | None = None,
+    void_value: int | None = None,
 ) -> tuple[Tensor, list[str], Tensor | None]:
     """The first ``count`` images of ``folder`` (by file name) through ``transform``, their
     names, and with ``masks_dir`` their object masks ``masks_dir/<stem>.png`` (0/1/255 maps,
-    see `open_object_mask`)."""
+    see `open_object_mask`; pixels equal to ``void_value`` are void)."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
         raise FileNotFoundError(f"{folder}: no images (expected files ending in {IMAGE_SUFFIXES})")
@@ -323,7 +328,7 @@ def _folder_images(
             mask_path = masks_dir / f"{path.stem}.png"
             if not mask_path.is_file():
                 raise FileNotFoundError(f"{mask_path}: mask file not found for {path}")
-            mask, was_resized = open_object_mask(mask_path, image.size)
+            mask, was_resized = open_object_mask(mask_path, image.size, void_value=void_value)
             if was_resized:
                 resized.append(mask_path)
         tensor, mask = transform(image, mask)
@@ -368,6 +373,7 @@ def run_attention_figure(
     count: int = 8,
     mass: float = 0.6,
     device: str = "auto",
+    void_value: int | None = None,
 ) -> Figure:
     """:func:`attention_figure` of trained runs on the same images, side by side.
 
@@ -383,6 +389,8 @@ def run_attention_figure(
         count: at most this many images (rows).
         mass: share of the attention mass the masks keep.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        void_value: the ``masks_dir`` pixel value that marks ignored pixels (e.g. 255 for
+            VOC-style borders): drawn as void, left out of the Jaccard.
     """
     if not run_dirs:
         raise ValueError("Expected at least one run directory")
@@ -391,6 +399,11 @@ def run_attention_figure(
     if masks_dir is not None and images_dir is None:
         raise ValueError(
             "masks_dir (--masks) needs images_dir (--images): the masks of which images?"
+        )
+    if void_value is not None and (masks_dir is None or void_value <= 0):
+        raise ValueError(
+            f"void_value (--void-value) needs masks_dir (--masks) and a positive pixel value "
+            f"(0 is background); got {void_value}"
         )
     device = resolve_device(device)
     runs = {}
@@ -407,6 +420,7 @@ def run_attention_figure(
                     dataset.in_chans,
                     count,
                     None if masks_dir is None else Path(masks_dir),
+                    void_value,
                 )
             else:
                 items = [dataset[i] for i in range(min(count, len(dataset)))]

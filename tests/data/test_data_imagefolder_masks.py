@@ -325,3 +325,35 @@ def test_evaluate_a_grey_run_on_a_colour_folder_is_an_error(masked_dir, tmp_path
     save_weights(model, run_dir / "model.safetensors")
     with pytest.raises(ValueError, match=r"trained on 1-channel images; imagefolder at .* gives 3"):
         evaluate_run(run_dir, dataset="imagefolder", data_path=masked_dir)
+
+
+def test_attention_masks_folder_takes_a_void_value(masked_dir, tmp_path, capsys):
+    # c0 inside the 28x28 window (rows and columns 2..29 of 32): object rows 9..23 x cols
+    # 8..23 = 240 pixels; void (255) on row 8 (16 pixels) and row 2 (28): 44 pixels.
+    from spatial_entropy.data.base import VOID
+    from spatial_entropy.visualize import _folder_images
+
+    with pytest.warns(UserWarning):  # d1 has no mask (skipped), d0 a smaller one
+        transform = masked(masked_dir, skip_bad=True).transform
+    images, masks = masked_dir / "val" / "cat", masked_dir / "masks" / "val" / "cat"
+    _, names, plain = _folder_images(images, transform, 3, 1, masks)
+    _, _, voided = _folder_images(images, transform, 3, 1, masks, void_value=255)
+    assert names == ["c0.jpg"]
+    assert int((plain[0] == 1).sum()) == 240 + 44 and not (plain[0] == VOID).any()
+    assert int((voided[0] == 1).sum()) == 240 and int((voided[0] == VOID).sum()) == 44
+    # the command line takes it; without --masks it is refused in one line
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = load_config(values={"model": "se_vit_tiny_patch4_32", "dataset": "imagefolder",
+                                 "model_kwargs": {"depth": 1, "embed_dim": 24},
+                                 "data_path": str(masked_dir), "img_size": SIZE})  # fmt: skip
+    save_config(config, run_dir / "config.yaml")
+    save_weights(create_model(config.model, num_classes=2, img_size=SIZE, **config.model_kwargs),
+                 run_dir / "model.safetensors")  # fmt: skip
+    (masks / "c1.png").unlink()  # the first image only: --count 1
+    out = tmp_path / "a.png"
+    argv = ["attention", str(run_dir), "--images", str(images), "--count", "1", "--out", str(out)]
+    assert main([*argv, "--masks", str(masks), "--void-value", "255"]) == 0 and out.is_file()
+    capsys.readouterr()
+    assert main([*argv, "--void-value", "255"]) == 1
+    assert "void_value (--void-value) needs masks_dir" in capsys.readouterr().err

@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "non-zero = object): outlined beside the kept patches",
     )
     parser.add_argument(
+        "--void-value",
+        type=int,
+        metavar="N",
+        help="pixel value of --masks that marks ignored pixels (e.g. 255 for VOC-style borders)",
+    )
+    parser.add_argument(
         "--count", type=int, default=8, help="images to draw, from --split or --images (default: 8)"
     )
     parser.add_argument(
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             count=args.count,
             mass=args.mass,
             device=args.device,
+            void_value=args.void_value,
         )
         save_figure(fig, args.out)
     except (OSError, ValueError) as exc:
