@@ -181,7 +181,8 @@ def test_data_info_reports_the_masks(masked_dir, tmp_path, capsys):
     assert "d1.png: mask file not found" in capsys.readouterr().err
 
 
-def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
+def untrained_folder_run(masked_dir, tmp_path):
+    """A run directory (config + untrained weights) of a tiny ViT on the two-class folder."""
     config = load_config(
         values={
             "model": "se_vit_tiny_patch4_32",
@@ -197,6 +198,11 @@ def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
     save_config(config, run_dir / "config.yaml")
     model = create_model(config.model, num_classes=2, img_size=SIZE, **config.model_kwargs)
     save_weights(model, run_dir / "model.safetensors")
+    return run_dir
+
+
+def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
+    run_dir = untrained_folder_run(masked_dir, tmp_path)
     images, masks = masked_dir / "val" / "cat", masked_dir / "masks" / "val" / "cat"
     out = tmp_path / "attention.png"
     argv = ["attention", str(run_dir), "--images", str(images), "--masks", str(masks)]
@@ -342,14 +348,7 @@ def test_attention_masks_folder_takes_a_void_value(masked_dir, tmp_path, capsys)
     assert int((plain[0] == 1).sum()) == 240 + 44 and not (plain[0] == VOID).any()
     assert int((voided[0] == 1).sum()) == 240 and int((voided[0] == VOID).sum()) == 44
     # the command line takes it; without --masks it is refused in one line
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    config = load_config(values={"model": "se_vit_tiny_patch4_32", "dataset": "imagefolder",
-                                 "model_kwargs": {"depth": 1, "embed_dim": 24},
-                                 "data_path": str(masked_dir), "img_size": SIZE})  # fmt: skip
-    save_config(config, run_dir / "config.yaml")
-    save_weights(create_model(config.model, num_classes=2, img_size=SIZE, **config.model_kwargs),
-                 run_dir / "model.safetensors")  # fmt: skip
+    run_dir = untrained_folder_run(masked_dir, tmp_path)
     (masks / "c1.png").unlink()  # the first image only: --count 1
     out = tmp_path / "a.png"
     argv = ["attention", str(run_dir), "--images", str(images), "--count", "1", "--out", str(out)]
