@@ -181,28 +181,34 @@ def test_data_info_reports_the_masks(masked_dir, tmp_path, capsys):
     assert "d1.png: mask file not found" in capsys.readouterr().err
 
 
-def untrained_folder_run(masked_dir, tmp_path):
-    """A run directory (config + untrained weights) of a tiny ViT on the two-class folder."""
+def folder_run(tmp_path, data_path, num_classes, set_weights=None, **values):
+    """A run directory (config + weights, not trained) of a tiny ViT on an image folder;
+    ``set_weights(model)`` may change the weights before they are saved."""
     config = load_config(
         values={
             "model": "se_vit_tiny_patch4_32",
             "model_kwargs": {"depth": 1, "embed_dim": 24},
             "dataset": "imagefolder",
-            "data_path": str(masked_dir),
+            "data_path": str(data_path),
             "img_size": SIZE,
             "num_workers": 0,
         }
+        | values
     )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(config, run_dir / "config.yaml")
-    model = create_model(config.model, num_classes=2, img_size=SIZE, **config.model_kwargs)
+    model = create_model(config.model, num_classes=num_classes, img_size=SIZE, in_chans=3,
+                         **config.model_kwargs)  # fmt: skip
+    if set_weights is not None:
+        with torch.no_grad():
+            set_weights(model)
     save_weights(model, run_dir / "model.safetensors")
     return run_dir
 
 
 def test_attention_picture_with_a_mask_folder(masked_dir, tmp_path, capsys):
-    run_dir = untrained_folder_run(masked_dir, tmp_path)
+    run_dir = folder_run(tmp_path, masked_dir, 2)
     images, masks = masked_dir / "val" / "cat", masked_dir / "masks" / "val" / "cat"
     out = tmp_path / "attention.png"
     argv = ["attention", str(run_dir), "--images", str(images), "--masks", str(masks)]
@@ -234,29 +240,14 @@ def uniform_run(tmp_path, classes, favoured, **values):
     own = tmp_path / "own"
     for name in classes:
         write_jpeg(own / "val" / name / "x.jpg", rng, (32, 32))
-    config = load_config(
-        values={
-            "model": "se_vit_tiny_patch4_32",
-            "model_kwargs": {"depth": 1, "embed_dim": 24},
-            "dataset": "imagefolder",
-            "data_path": str(own),
-            "img_size": SIZE,
-            "num_workers": 0,
-        }
-        | values
-    )
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    save_config(config, run_dir / "config.yaml")
-    model = create_model(config.model, num_classes=len(classes), img_size=SIZE, in_chans=3,
-                         **config.model_kwargs)  # fmt: skip
-    with torch.no_grad():
+
+    def uniform(model):
         model.blocks[-1].attn.qkv.weight[: 2 * 24].zero_()
         model.blocks[-1].attn.qkv.bias[: 2 * 24].zero_()
         model.head.weight.zero_()
         model.head.bias.copy_(torch.eye(len(classes))[favoured])
-    save_weights(model, run_dir / "model.safetensors")
-    return run_dir
+
+    return folder_run(tmp_path, own, len(classes), uniform, **values)
 
 
 def evaluate_folder(run_dir, folder, *more):
@@ -348,7 +339,7 @@ def test_attention_masks_folder_takes_a_void_value(masked_dir, tmp_path, capsys)
     assert int((plain[0] == 1).sum()) == 240 + 44 and not (plain[0] == VOID).any()
     assert int((voided[0] == 1).sum()) == 240 and int((voided[0] == VOID).sum()) == 44
     # the command line takes it; without --masks it is refused in one line
-    run_dir = untrained_folder_run(masked_dir, tmp_path)
+    run_dir = folder_run(tmp_path, masked_dir, 2)
     (masks / "c1.png").unlink()  # the first image only: --count 1
     out = tmp_path / "a.png"
     argv = ["attention", str(run_dir), "--images", str(images), "--count", "1", "--out", str(out)]
