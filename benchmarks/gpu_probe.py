@@ -16,8 +16,9 @@ Measures, in one process and side by side:
 - the augmented data of one batch of 64 (the benchmark's CPU transform), ms per batch;
 - the engine training the evidence pilot's configuration for 15 epochs under cProfile, with
   0 and 1 loader processes: seconds per step and where they go;
-- that run eager, compiled (inductor's default and reduce-overhead modes) and without its
-  epoch-end checkpoints: seconds per step of the loop and per epoch outside it;
+- that run through DataLoaders (``data_on_device: off``), with its data on the device (the
+  default for this recipe), compiled (inductor's default and reduce-overhead modes) and
+  without its epoch-end checkpoints: seconds per step of the loop and per epoch outside it;
 - 1, 2, 4 and 8 such runs at once, one process each: seconds per step of each and steps per
   second of all together (how many runs side by side pay).
 
@@ -253,8 +254,9 @@ def engine_run(
 
 
 def engine_variants(device: str, epochs: int = 15) -> list[dict]:
-    """The same short run eager, compiled (inductor, default and reduce-overhead modes), and
-    eager with the epoch-end checkpoint writes skipped: seconds per step of the training loop
+    """The same short run eager through DataLoaders, eager with its data on the device,
+    compiled (inductor, default and reduce-overhead modes), and eager with the epoch-end
+    checkpoint writes skipped: seconds per step of the training loop
     after its first 5 epochs (compilation done), and seconds per epoch outside it (checkpoint,
     evaluation, log)."""
     from unittest import mock
@@ -262,6 +264,7 @@ def engine_variants(device: str, epochs: int = 15) -> list[dict]:
     import spatial_entropy.engine as engine
 
     variants = {
+        "eager_dataloader": ({"data_on_device": "off"}, False),
         "eager": ({}, False),
         "compile_default": ({"compile": True}, False),
         "compile_reduce_overhead": ({"compile": True, "compile_mode": "reduce-overhead"}, False),

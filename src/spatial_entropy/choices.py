@@ -6,7 +6,7 @@ imports nothing, so the parser and the config use it without loading torch.
 
 from __future__ import annotations
 
-__all__ = ["AMP_MODES", "COMPILE_MODES", "DEVICES", "SCHEDULES", "SPLITS"]
+__all__ = ["AMP_MODES", "COMPILE_MODES", "DATA_ON_DEVICE", "DEVICES", "SCHEDULES", "SPLITS"]
 
 SCHEDULES = ("constant", "warmup_cosine")
 """Schedules of the spatial-entropy weight λ(t), see ``entropy.se_weight``."""
@@ -17,6 +17,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 """Where to run; ``"auto"`` is CUDA when available, see ``distributed.resolve_device``."""
 
+DATA_ON_DEVICE = ("auto", "off")
+"""``auto``: small-image datasets with pad-crop-flip alone are served from a copy on the device."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile`` modes (inductor): ``"reduce-overhead"`` replays CUDA graphs, which removes
 the launch cost of a step of many small kernels; see ``models.compile_model``."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from spatial_entropy.choices import AMP_MODES, COMPILE_MODES, DEVICES, SCHEDULES
+from spatial_entropy.choices import AMP_MODES, COMPILE_MODES, DATA_ON_DEVICE, DEVICES, SCHEDULES
 
 __all__ = [
     "DRLocConfig",
@@ -134,6 +134,7 @@ class TrainConfig:
     data_options: dict = field(default_factory=dict)  # dataset-specific, passed through
     augment: dict = field(default_factory=dict)  # more transform keys (hflip, padding, ...)
     num_workers: int = 2
+    data_on_device: str = "auto"  # "auto": small pad-crop-flip datasets kept on the device
     # optimisation
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimiser steps (schedules keep `epochs`)
@@ -177,6 +178,7 @@ class TrainConfig:
             "amp": (self.amp, AMP_MODES),
             "device": (self.device, DEVICES),
             "compile_mode": (self.compile_mode, COMPILE_MODES),
+            "data_on_device": (self.data_on_device, DATA_ON_DEVICE),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -230,6 +232,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     # How the run is carried out, not what it computes (resume stays exact with any of these,
     # on the same device type).
     "num_workers",
+    "data_on_device",
     "device",
     "compile",
     "checkpoint_every",

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,13 @@ from spatial_entropy.distributed import (
 )
 from spatial_entropy.evaluation import evaluate, evaluate_run  # re-exported (their old home)
 from spatial_entropy.files import atomic_write
-from spatial_entropy.loader import build_eval_loader, build_train_loader
+from spatial_entropy.loader import (
+    DeviceTrainBatches,
+    TensorEvalBatches,
+    build_eval_loader,
+    build_train_loader,
+    device_data_reason,
+)
 from spatial_entropy.models import compile_model, create_model
 from spatial_entropy.regularizers import (
     DRLocRegularizer,
@@ -210,7 +216,7 @@ def train_step(run: TrainingRun, images: Tensor, targets: Tensor, progress: floa
 
 def train_one_epoch(
     run: TrainingRun,
-    loader: DataLoader,
+    loader: DataLoader | DeviceTrainBatches,
     epoch: int,
     start_batch: int = 0,
     on_step: Callable[[int, int], None] | None = None,
@@ -336,6 +342,26 @@ def build_datasets(config: TrainConfig, info: DistributedInfo) -> tuple[Dataset,
             datasets = (train_set, val_set)
         barrier()
     return datasets
+
+
+def build_loaders(
+    cfg: TrainConfig, train_set: Dataset, val_set: Dataset, info: DistributedInfo
+) -> tuple[DataLoader | DeviceTrainBatches, Iterable]:
+    """The training and evaluation loaders: with ``data_on_device`` "auto", each set that
+    allows it is served from a copy on the device (the same batches, bit for bit, without
+    loader processes: `DeviceTrainBatches`, `TensorEvalBatches`), the others by DataLoaders."""
+    keep = cfg.data_on_device == "auto"
+    if keep and device_data_reason(train_set, is_train=True) is None:
+        train_loader = DeviceTrainBatches(train_set, cfg.batch_size, info, seed=cfg.seed)
+    else:
+        train_loader = build_train_loader(
+            train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
+        )
+    if keep and device_data_reason(val_set, is_train=False) is None:
+        return train_loader, TensorEvalBatches(val_set, cfg.batch_size, info)
+    return train_loader, build_eval_loader(
+        val_set, cfg.batch_size, info, num_workers=cfg.num_workers
+    )
 
 
 def _criterion(config: TrainConfig, num_classes: int) -> tuple[nn.Module, Mixup | None]:
@@ -565,10 +591,7 @@ def _train(
             "--overwrite to delete it and start again, or choose another --output"
         )
     train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
-    train_loader = build_train_loader(
-        train_set, cfg.batch_size, info, seed=cfg.seed, num_workers=cfg.num_workers
-    )
-    val_loader = build_eval_loader(val_set, cfg.batch_size, info, num_workers=cfg.num_workers)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, info)
     run = build_training_run(
         cfg, info, train_set.num_classes, train_set.in_chans, len(train_loader),
         None if resumed is None else resumed[1:],
@@ -583,8 +606,8 @@ def _train(
 def _train_run(
     run: TrainingRun,
     paths: RunPaths,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: DataLoader | DeviceTrainBatches,
+    val_loader: Iterable,
     resumed: tuple[Path, dict[str, Tensor], TrainState] | None,
 ) -> dict[str, Any]:
     """Train ``run`` from its resumed state to ``run.total_steps`` and write the run's files."""
@@ -806,7 +829,7 @@ def _prefixed(metrics: dict[str, float] | None, prefix: str) -> dict[str, float 
 
 
 def _evaluate_all(
-    run: TrainingRun, loader: DataLoader
+    run: TrainingRun, loader: Iterable
 ) -> tuple[dict[str, float], dict[str, float] | None]:
     """The validation metrics of the model and of its EMA (None without EMA).
 
@@ -831,7 +854,7 @@ def _evaluate_all(
 
 def _evaluate_for_log(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     attention: bool,

@@ -6,12 +6,23 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+from spatial_entropy.data.transforms import EvalTransform, SmallTrainTransform
 from spatial_entropy.distributed import DistributedInfo
 from spatial_entropy.rng import preserved_rng, seed_all
 
-__all__ = ["EpochSeededDataset", "ResumableSampler", "build_train_loader", "build_eval_loader"]
+__all__ = [
+    "DeviceTrainBatches",
+    "EpochSeededDataset",
+    "ResumableSampler",
+    "TensorEvalBatches",
+    "build_eval_loader",
+    "build_train_loader",
+    "device_data_reason",
+]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -125,3 +136,127 @@ def build_eval_loader(
         pin_memory=info.device.type == "cuda",
         generator=torch.Generator(),
     )
+
+
+DEVICE_DATA_MAX_BYTES = 2**31
+"""Largest copy of a dataset (uint8 training images, float evaluation images) kept on the
+device by `DeviceTrainBatches` and `TensorEvalBatches`."""
+
+
+def _base_positions(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset under any (nested) ``Subset`` wrappers and the base index of each item."""
+    positions = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        positions = [dataset.indices[i] for i in positions]
+        dataset = dataset.dataset
+    return dataset, positions
+
+
+def device_data_reason(dataset: Dataset, is_train: bool) -> str | None:
+    """Why ``dataset`` cannot be served from a tensor copy on the device (None: it can).
+
+    Training: the small-image recipe (pad-crop-flip) followed by ``ToTensor`` + ``Normalize``
+    only, no masks; evaluation: the deterministic evaluation transform of a small-image
+    dataset, no masks. Both: at most `DEVICE_DATA_MAX_BYTES` of images.
+    """
+    base, positions = _base_positions(dataset)
+    transform = getattr(base, "transform", None)
+    if getattr(base, "with_masks", False):
+        return "it carries masks"
+    if is_train and not (isinstance(transform, SmallTrainTransform) and transform.pixelwise):
+        return "its training transform is not pad-crop-flip + normalise alone"
+    if not is_train and not isinstance(transform, EvalTransform):
+        return "its transform is not the evaluation transform"
+    native = getattr(base, "native_size", None)
+    if native is None or native > 64 or not hasattr(base, "load"):
+        return "its images are not small images of a fixed size"
+    size = transform.geometry.size if is_train else transform.size
+    per_image = len(getattr(base, "mean", (0,) * 3)) * size * size * (1 if is_train else 4)
+    if per_image * len(positions) > DEVICE_DATA_MAX_BYTES:
+        return f"its images would take more than {DEVICE_DATA_MAX_BYTES} bytes"
+    return None
+
+
+class DeviceTrainBatches:
+    """The batches of `build_train_loader`, bit for bit, assembled on the device.
+
+    For small-image datasets whose training transform is pad-crop-flip followed by
+    ``ToTensor`` + ``Normalize`` (`device_data_reason`): every image is loaded and resized
+    once and kept as padded uint8 on the device; a batch is one gather (crop and flips) and
+    one table lookup (the transform's own ``ToTensor`` + ``Normalize`` of each pixel value),
+    with each image's crop and flips drawn exactly as `EpochSeededDataset` draws them, from
+    ``(seed, epoch, index)``. No worker processes, no per-image Python work but the draw.
+    Same order, resume position (``sampler.set_position``) and length as the DataLoader.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, info: DistributedInfo, *, seed: int
+    ) -> None:
+        reason = device_data_reason(dataset, is_train=True)
+        if reason is not None:
+            raise ValueError(f"the training images cannot be kept on the device: {reason}")
+        base, positions = _base_positions(dataset)
+        self.geometry = base.transform.geometry
+        self.seed, self.batch_size, self.device = seed, batch_size, info.device
+        self.sampler = ResumableSampler(
+            dataset, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed
+        )
+        if len(self.sampler) < batch_size:
+            raise ValueError(
+                f"{len(dataset)} training images give {len(self.sampler)} per process, fewer "
+                f"than batch_size={batch_size}; lower batch_size or use more data"
+            )
+        images = [self.geometry.resize(base.load(i)[0])[0] for i in positions]
+        pad = self.geometry.padding
+        stacked = torch.stack([TF.pil_to_tensor(image) for image in images])
+        self.images = F.pad(stacked, (pad, pad, pad, pad)).to(self.device)  # fill 0, as PIL's
+        self.table = base.transform.value_table(images[0].mode).to(self.device)
+        self.targets = torch.as_tensor(list(dataset.targets)).to(self.device)
+        self._generator = torch.Generator()
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        keys = list(self.sampler)
+        for start in range(0, len(keys) - self.batch_size + 1, self.batch_size):
+            yield self._batch(keys[start : start + self.batch_size])
+
+    def _batch(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = []
+        for epoch, index in keys:
+            self._generator.manual_seed(sample_seed(self.seed, epoch, index))
+            draws.append(self.geometry.draw(self._generator))
+        top, left, flip_h, flip_v = torch.tensor(draws).to(self.device).unbind(1)
+        index = torch.tensor([i for _, i in keys]).to(self.device)
+        size, channels = self.geometry.size, self.images.shape[1]
+        ar = torch.arange(size, device=self.device)
+        rows = top[:, None] + torch.where(flip_v[:, None] != 0, size - 1 - ar, ar)
+        cols = left[:, None] + torch.where(flip_h[:, None] != 0, size - 1 - ar, ar)
+        channel = torch.arange(channels, device=self.device)[None, :, None, None]
+        pixels = self.images[index[:, None, None, None], channel, rows[:, None, :, None],
+                             cols[:, None, None, :]]  # fmt: skip
+        return self.table[channel, pixels.long()], self.targets[index]
+
+
+class TensorEvalBatches:
+    """The batches of `build_eval_loader`, computed once by the dataset itself and kept on
+    the device (deterministic evaluation transform, no masks: `device_data_reason`)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, info: DistributedInfo) -> None:
+        reason = device_data_reason(dataset, is_train=False)
+        if reason is not None:
+            raise ValueError(f"the evaluation images cannot be kept on the device: {reason}")
+        shard = range(info.rank, len(dataset), info.world_size)
+        items = [dataset[i] for i in shard]
+        self.batch_size = batch_size
+        self.images = torch.stack([image for image, _ in items]).to(info.device)
+        self.targets = torch.as_tensor([label for _, label in items]).to(info.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.targets), self.batch_size):
+            end = start + self.batch_size
+            yield self.images[start:end], self.targets[start:end]

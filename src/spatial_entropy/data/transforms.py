@@ -27,9 +27,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
-from timm.data.transforms import str_to_interp_mode
+from timm.data.transforms import MaybeToTensor, str_to_interp_mode
 from timm.data.transforms_factory import transforms_imagenet_train
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, Normalize, ToTensor
 
 SMALL_IMAGE_MAX = 64
 """Images whose native side is at most this many pixels get the small-image recipe."""
@@ -110,16 +110,33 @@ class PadCropFlip:
         self.size, self.padding, self.hflip, self.vflip = size, padding, hflip, vflip
         self.interpolation, self.mask_fill = interpolation, mask_fill
 
-    def __call__(
+    def resize(
         self, image: Image.Image, mask: Image.Image | None = None
     ) -> tuple[Image.Image, Image.Image | None]:
-        size, pad = self.size, self.padding
+        """The deterministic part: the image (and mask) at ``size`` x ``size``."""
+        size = self.size
         if image.size != (size, size):
             image = TF.resize(image, [size, size], self.interpolation)
             if mask is not None:
                 mask = TF.resize(mask, [size, size], InterpolationMode.NEAREST)
-        top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
-        flip_h, flip_v = (torch.rand(2) < torch.tensor([self.hflip, self.vflip])).tolist()
+        return image, mask
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[int, int, bool, bool]:
+        """The random part: ``(top, left, flip_h, flip_v)`` of one image, drawn from
+        ``generator`` (default: torch's global one)."""
+        top, left = (
+            int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=generator)
+        )
+        flips = torch.rand(2, generator=generator) < torch.tensor([self.hflip, self.vflip])
+        flip_h, flip_v = flips.tolist()
+        return top, left, flip_h, flip_v
+
+    def __call__(
+        self, image: Image.Image, mask: Image.Image | None = None
+    ) -> tuple[Image.Image, Image.Image | None]:
+        size, pad = self.size, self.padding
+        image, mask = self.resize(image, mask)
+        top, left, flip_h, flip_v = self.draw()
         pairs = [(image, 0)] + ([] if mask is None else [(mask, self.mask_fill)])
         out = []
         for picture, fill in pairs:
@@ -178,6 +195,25 @@ class SmallTrainTransform:
             std=tuple(std),
         )
         self.photometric = guard_posterize(photometric)
+
+    @property
+    def pixelwise(self) -> bool:
+        """Whether everything after the geometry maps each pixel value on its own (no
+        photometric augmentation, no random erasing: ``ToTensor`` + ``Normalize``), so that a
+        value table (`value_table`) reproduces it."""
+        tail = list(self.photometric.transforms) + list(self.final.transforms)
+        return all(isinstance(op, (MaybeToTensor, ToTensor, Normalize)) for op in tail)
+
+    def value_table(self, mode: str) -> torch.Tensor:
+        """``(C, 256)`` float table: what this transform's tail makes of pixel value v in
+        channel c, for images of PIL ``mode``; computed by the tail itself on an image that
+        holds every value once. Only meaningful when `pixelwise`."""
+        values = np.arange(256, dtype=np.uint8)[None, :]
+        channels = len(Image.new(mode, (1, 1)).getbands())
+        if channels > 1:
+            values = np.repeat(values[..., None], channels, axis=-1)
+        table = self.final(self.photometric(Image.fromarray(values, mode=mode)))
+        return table[:, 0, :]
 
     def __call__(
         self, image: Image.Image, mask: Image.Image | None = None
