@@ -124,3 +124,17 @@ def test_run_from_device_data_equals_run_through_dataloaders(tmp_path):
     weights = [load_file(tmp_path / run / "model.safetensors") for run in ("device", "loaders")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize(
+    ("padding", "hflip", "vflip"), [(3, 0.5, 0.0), (0, 0.3, 0.7), (7, 1.0, 0.0)]
+)
+def test_crop_and_flip_draws_follow_torch_tensor_comparisons(padding, hflip, vflip):
+    from spatial_entropy.data.transforms import PadCropFlip
+
+    geometry = PadCropFlip(28, padding, hflip, vflip)
+    for seed in range(500):
+        torch.manual_seed(seed)
+        expected = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+        expected += (torch.rand(2) < torch.tensor([hflip, vflip])).tolist()
+        assert list(geometry.draw(torch.Generator().manual_seed(seed))) == expected

@@ -108,6 +108,7 @@ class PadCropFlip:
         if padding < 0:
             raise ValueError(f"padding must be >= 0; got {padding}")
         self.size, self.padding, self.hflip, self.vflip = size, padding, hflip, vflip
+        self._hflip32, self._vflip32 = (float(np.float32(p)) for p in (hflip, vflip))
         self.interpolation, self.mask_fill = interpolation, mask_fill
 
     def resize(
@@ -124,12 +125,10 @@ class PadCropFlip:
     def draw(self, generator: torch.Generator | None = None) -> tuple[int, int, bool, bool]:
         """The random part: ``(top, left, flip_h, flip_v)`` of one image, drawn from
         ``generator`` (default: torch's global one)."""
-        top, left = (
-            int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=generator)
-        )
-        flips = torch.rand(2, generator=generator) < torch.tensor([self.hflip, self.vflip])
-        flip_h, flip_v = flips.tolist()
-        return top, left, flip_h, flip_v
+        top, left = torch.randint(0, 2 * self.padding + 1, (2,), generator=generator).tolist()
+        u_h, u_v = torch.rand(2, generator=generator).tolist()
+        # float32 draws against the float32 probabilities, as a tensor comparison would do
+        return top, left, u_h < self._hflip32, u_v < self._vflip32
 
     def __call__(
         self, image: Image.Image, mask: Image.Image | None = None
