@@ -257,3 +257,41 @@ def test_resume_refusals_leave_the_run_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="may change only .*'batch_size': 4 -> 2"):
         train(other_batch, tmp_path, resume=True, datasets=(data, data))
     assert (tmp_path / "config.yaml").read_text() == written
+
+
+def test_checkpoint_epochs_saves_first_every_nth_and_last_epoch_and_resumes_between(tmp_path):
+    data = _Images(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)),
+                   torch.arange(8) % 3)  # fmt: skip
+    vit = dict(model="se_vit_tiny_patch4_32", img_size=16,
+               model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2})  # fmt: skip
+    recipe = dict(epochs=5, batch_size=4, num_workers=0, mixup=0, cutmix=0, warmup_epochs=1,
+                  checkpoint_every=0, checkpoint_epochs=3, keep_checkpoints=10,
+                  se={"weight": 0.1, "warmup_epochs": 1})  # fmt: skip
+    config = load_config(values=vit | recipe)
+    whole = tmp_path / "whole"
+    train(config, whole, datasets=(data, data))
+    # 2 steps per epoch: saves after epochs 1, 4 and 5 (the last), not 2 and 3
+    saved = sorted(path.name for path in (whole / "checkpoints").glob("step_*.pt"))
+    assert saved == ["step_00000002.pt", "step_00000008.pt", "step_00000010.pt"]
+
+    # What a kill after epoch 3 leaves: epoch 1's checkpoint and three logged epochs
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.yaml").write_text((whole / "config.yaml").read_text())
+    log = (whole / "log.csv").read_text().splitlines()
+    (killed / "log.csv").write_text("\n".join(log[:4]) + "\n")
+    (killed / "checkpoints").mkdir()
+    for suffix in (".pt", ".safetensors"):
+        name = "step_00000002" + suffix
+        (killed / "checkpoints" / name).write_bytes((whole / "checkpoints" / name).read_bytes())
+    (killed / "checkpoints" / "latest").write_text("step_00000002")
+    train(config, killed, resume=True, datasets=(data, data))
+
+    def rows(run):
+        with open(run / "log.csv", newline="") as f:
+            timing = ("epoch_time_s", "images_per_s")
+            return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(f)]
+
+    assert rows(killed) == rows(whole) and len(rows(whole)) == 5
+    expected, resumed = (load_file(run / "model.safetensors") for run in (whole, killed))
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)

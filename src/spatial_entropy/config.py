@@ -69,6 +69,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "se.weight": (0, None),
     "se.warmup_epochs": (0, None),
     "checkpoint_every": (0, None),
+    "checkpoint_epochs": (1, None),
     "keep_checkpoints": (1, None),
     "eval_every": (1, None),
     "log_every": (1, None),
@@ -165,6 +166,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     amp: str = "auto"  # "auto" (bf16 on CUDA if supported, else fp16; off on CPU), "bf16", ...
     checkpoint_every: int = 500  # optimiser steps between checkpoints; 0: at epoch ends only
+    checkpoint_epochs: int = 1  # epoch-end checkpoints after epochs 1, 1+N, 1+2N, ... and the last
     keep_checkpoints: int = 2
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 10  # steps between progress-bar refreshes (each one syncs the device)
@@ -236,6 +238,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "device",
     "compile",
     "checkpoint_every",
+    "checkpoint_epochs",
     "keep_checkpoints",
     "eval_every",
     "log_every",

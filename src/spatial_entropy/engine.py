@@ -669,9 +669,11 @@ def _train_run(
             if val["top1"] > best.get("top1", -1.0):
                 best = {"top1": val["top1"], "epoch": epoch, "step": run.step}
         log.append(_log_row(epoch, run, train_stats, val, ema_val))
-        # A max_steps stop mid-epoch is a position that a longer run can resume from.
-        batches = run.step - epoch * run.steps_per_epoch
-        save(*((epoch + 1, 0) if batches == run.steps_per_epoch else (epoch, batches)))
+        # The first epoch always saves: a logged run always has a checkpoint to resume from.
+        if done or epoch % cfg.checkpoint_epochs == 0:
+            # A max_steps stop mid-epoch is a position that a longer run can resume from.
+            batches = run.step - epoch * run.steps_per_epoch
+            save(*((epoch + 1, 0) if batches == run.steps_per_epoch else (epoch, batches)))
         start_batch = 0
     log.close()
 
