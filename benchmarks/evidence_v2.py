@@ -30,7 +30,7 @@ and ``conv_stem``) and H3 (``se`` raises the Jaccard), see `hypotheses`.
 
 Execution survives sessions: every finished run (and each pilot) is written into the results
 JSON (``--results``, default the committed benchmarks/results/evidence_v2.json) as it
-finishes, atomically; an invocation skips every run recorded there, so a fresh machine
+finishes, atomically (``se_val``'s three selection runs too, as units of their own); an invocation skips every run recorded there, so a fresh machine
 without ``runs/`` continues where the last one stopped. Runs go in seed order (seed 0 of every
 size and arm, then seed 1, ...), so a partial record stays paired.
 
@@ -189,22 +189,51 @@ def subset_top1(run_dir: Path, device: str) -> float:
     return evaluate(model.to(info.device), loader, info.device)["top1"]
 
 
-def select_lambda(size: Size, seed: int, work_dir: Path, device: str, num_workers: int = 0) -> dict:
-    """``se_val``'s λ: train with each of ``VAL_LAMBDAS`` on the fit part of the training
-    images and keep the best top-1 on the carved validation part (ties: the smaller λ). The
-    test split is never built here."""
-    scores = {}
-    for weight in VAL_LAMBDAS:
-        config = config_for(size, "se_val", seed, device, weight, num_workers)
-        run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / "se_val_select"
-        run_dir = run_dir / f"lambda{weight:g}" / f"seed{seed}"
-        datasets = (
-            training_images(config, augmented=True, part="fit"),
-            training_images(config, augmented=False, part="val"),
-        )
-        scores[weight] = _train(config, run_dir, datasets)["top1"]
+SELECTION = "se_val@"
+"""Prefix of the arm names of ``se_val``'s selection runs: ``se_val@0.03`` trains λ 0.03."""
+
+
+def selection_arm(weight: float) -> str:
+    return f"{SELECTION}{weight:g}"
+
+
+def train_selection(
+    size: Size, seed: int, weight: float, work_dir: Path, device: str, num_workers: int = 0
+) -> dict:
+    """One of ``se_val``'s selection runs: λ ``weight`` trained on the fit part of the
+    training images and scored (``top1``) on the carved validation part. The test split is
+    never built here. Recorded on its own (``record["selection"]``), so a later session
+    needs only the selection runs it lacks."""
+    config = config_for(size, "se_val", seed, device, weight, num_workers)
+    run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / "se_val_select"
+    run_dir = run_dir / f"lambda{weight:g}" / f"seed{seed}"
+    datasets = (
+        training_images(config, augmented=True, part="fit"),
+        training_images(config, augmented=False, part="val"),
+    )
+    metrics = _train(config, run_dir, datasets)
+    return {
+        "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": selection_arm(weight),
+        "seed": seed, "lambda": weight, "top1": metrics["top1"], "split": "validation (carved)",
+        "steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+        "device": device_name(device),
+    }  # fmt: skip
+
+
+def select_lambda(scores: dict[float, float]) -> dict:
+    """``se_val``'s λ from the validation top-1 of each of ``VAL_LAMBDAS``: the best, ties
+    to the smaller λ."""
     best = max(VAL_LAMBDAS, key=lambda w: (scores[w], -w))
     return {"lambda": best, "val_top1": {f"{w:g}": scores[w] for w in VAL_LAMBDAS}}
+
+
+def selection_scores(record: dict, n: int, seed: int) -> dict[float, float]:
+    """The recorded validation top-1 of ``se_val``'s selection runs at (n, seed), by λ."""
+    return {
+        r["lambda"]: r["top1"]
+        for r in record.get("selection", [])
+        if r["n_per_class"] == n and r["seed"] == seed
+    }
 
 
 def run_arm(
@@ -215,17 +244,25 @@ def run_arm(
     variant: Variant,
     device: str,
     num_workers: int = 0,
+    selections: dict | None = None,
 ):
-    """One run (data_efficiency.execute's ``run_fn``): the pilot (arm ``"pilot"``), or an arm
-    trained on its training images, evaluated on the test set and its own training subset.
+    """One run (data_efficiency.execute's ``run_fn``): the pilot (arm ``"pilot"``), one of
+    ``se_val``'s selection runs (``se_val@λ``), or an arm trained on its training images,
+    evaluated on the test set and its own training subset. ``se_val`` takes its λ from the
+    recorded selection runs, ``selections[(n, seed)]`` (λ -> validation top-1).
     ``num_workers``: data-loading processes per run (speed only)."""
     if arm == "pilot":
         return run_pilot(size, work_dir, device, num_workers)
+    if arm.startswith(SELECTION):
+        weight = float(arm.removeprefix(SELECTION))
+        return train_selection(size, seed, weight, work_dir, device, num_workers)
     run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / arm / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    selection = select_lambda(size, seed, work_dir, device, num_workers) if arm == "se_val" else {}
+    selection = {}
+    if arm == "se_val":
+        selection = select_lambda((selections or {})[(size.n_per_class, seed)])
     config = config_for(size, arm, seed, device, selection.get("lambda"), num_workers)
     metrics = _train(config, run_dir)
     attention = evaluate_run(run_dir, "test", device=device, attention=True, mass=0.6)
@@ -348,8 +385,9 @@ def load_record(path: Path) -> dict:
     protocol: a record of another protocol (a constant of this script changed) is refused,
     but arms enabled since (DRLoc) are added."""
     if not path.is_file():
-        return {"protocol": protocol(), "pilot": {}, "runs": []}
+        return {"protocol": protocol(), "pilot": {}, "runs": [], "selection": []}
     record = json.loads(path.read_text())
+    record.setdefault("selection", [])
     # JSON turns the pilot epochs' int keys into strings; compare as JSON
     current, stored = json.loads(json.dumps(protocol())), record["protocol"]
     changed = sorted(k for k in current if k != "arms" and current[k] != stored.get(k))
@@ -370,21 +408,22 @@ def save_record(record: dict, path: Path) -> None:
 
 
 def record_result(record: dict, path: Path, run: tuple[Size, str, int], result: dict) -> None:
-    """Add a finished run (or pilot) to the record and write it at once."""
+    """Add a finished run (pilot, selection run) to the record and write it at once."""
     if run[1] == "pilot":
         record["pilot"][str(result["n_per_class"])] = result
     else:
+        part = "selection" if run[1].startswith(SELECTION) else "runs"
         key = (result["n_per_class"], result["arm"], result["seed"])
-        record["runs"] = [
-            r for r in record["runs"] if (r["n_per_class"], r["arm"], r["seed"]) != key
-        ]
-        record["runs"].append(result)
+        record[part] = [r for r in record.get(part, [])
+                        if (r["n_per_class"], r["arm"], r["seed"]) != key]  # fmt: skip
+        record[part].append(result)
     save_record(record, path)
 
 
 def pending(record: dict, sizes: list[int], arm_names: list[str], seeds: int):
     """The runs still to do, in seed order (seed, then size, then arm), skipping every one the
-    record holds; a size without a recorded pilot contributes its pilot instead."""
+    record holds; a size without a recorded pilot contributes its pilot instead, and
+    ``se_val`` its selection runs (``se_val@λ``) until all of them are recorded."""
     done = {(r["n_per_class"], r["arm"], r["seed"]) for r in record["runs"]}
     pilots = [Size(n, PILOT_EPOCHS[n], 1) for n in sizes if str(n) not in record["pilot"]]
     runs = []
@@ -393,14 +432,27 @@ def pending(record: dict, sizes: list[int], arm_names: list[str], seeds: int):
             if str(n) not in record["pilot"]:
                 continue
             size = Size(n, record["pilot"][str(n)]["epochs"], seeds)
-            runs += [(size, arm, seed) for arm in arm_names if (n, arm, seed) not in done]
+            for arm in arm_names:
+                if (n, arm, seed) in done:
+                    continue
+                scores = selection_scores(record, n, seed) if arm == "se_val" else {}
+                missing = [w for w in VAL_LAMBDAS if w not in scores]
+                if arm == "se_val" and missing:
+                    runs += [(size, selection_arm(w), seed) for w in missing]
+                else:
+                    runs.append((size, arm, seed))
     return [(size, "pilot", 0) for size in pilots], runs
 
 
 def seed_order(arm_names: list[str]):
     """Pilots first (a size's runs wait for its pilot), then seed, size, arm."""
     rank = {arm: i for i, arm in enumerate(arm_names)}
-    return lambda run: (run[1] != "pilot", run[2], run[0].n_per_class, rank.get(run[1], -1))
+
+    def key(run: tuple[Size, str, int]) -> tuple:
+        arm = "se_val" if run[1].startswith(SELECTION) else run[1]
+        return run[1] != "pilot", run[2], run[0].n_per_class, rank.get(arm, -1), run[1]
+
+    return key
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -582,20 +634,29 @@ def main() -> None:
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
         record_result(record, args.results, run, result)
 
-    common = dict(variant=Variant(img_size=IMG_SIZE), device=args.device, threads=args.threads,
-                  run_fn=functools.partial(run_arm, num_workers=args.num_workers),
-                  on_result=on_result, order=seed_order(arm_names))  # fmt: skip
-    # A size's runs can start only once its pilot is recorded; the sizes whose pilot is
-    # recorded run beside the pilots still to do. A finished pilot makes its size's runs
-    # available to the next round.
+    def names(units) -> set[tuple[int, str, int]]:
+        return {(size.n_per_class, arm, seed) for size, arm, seed in units}
+
+    # A size's runs can start only once its pilot is recorded, and se_val once its selection
+    # runs are; what is available runs side by side. A round that makes new runs available
+    # (a pilot, the last selection run of a seed) is followed by another.
     while True:
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
         if not pilots + runs or (budget_left() is not None and budget_left() <= 0):
             break
-        execute(pilots + runs, args.work_dir, jobs=args.jobs, time_budget_s=budget_left(),
-                **common)  # fmt: skip
-        if len(pending(record, args.sizes, arm_names, args.seeds)[0]) == len(pilots):
-            break  # no pilot finished: nothing new became available
+        selections = {
+            (r["n_per_class"], r["seed"]): selection_scores(record, r["n_per_class"], r["seed"])
+            for r in record["selection"]
+        }
+        run_fn = functools.partial(run_arm, num_workers=args.num_workers, selections=selections)
+        execute(
+            pilots + runs, args.work_dir, variant=Variant(img_size=IMG_SIZE),
+            device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
+            order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
+        )  # fmt: skip
+        after = pending(record, args.sizes, arm_names, args.seeds)
+        if not names(after[0] + after[1]) - names(pilots + runs):
+            break  # nothing new became available
     record["machine"] = {"platform": platform.platform(), "device": device_name(args.device),
                          "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)

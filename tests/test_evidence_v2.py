@@ -64,7 +64,7 @@ class FakeSet:
         return len(self.targets)
 
 
-def test_select_lambda_uses_validation_never_test(ev, tmp_path, monkeypatch) -> None:
+def test_selection_runs_use_validation_never_test(ev, tmp_path, monkeypatch) -> None:
     splits, seen = [], []
     scores = {0.01: 50.0, 0.03: 70.0, 0.1: 60.0}
 
@@ -76,20 +76,69 @@ def test_select_lambda_uses_validation_never_test(ev, tmp_path, monkeypatch) -> 
         fit, val = datasets
         seen.append((set(fit.indices), set(val.indices)))
         run_dir.mkdir(parents=True)
-        (run_dir / "metrics.json").write_text(json.dumps({"top1": scores[config.se.weight]}))
+        metrics = {"top1": scores[config.se.weight], "steps": 3, "train_time_s": 1.0}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
 
     monkeypatch.setattr(ev, "build_dataset", fake_build_dataset)
     monkeypatch.setattr(ev, "train", fake_train)
-    chosen = ev.select_lambda(ev.Size(50, 3, 1), 0, tmp_path, "cpu")
-    assert chosen == {"lambda": 0.03, "val_top1": {"0.01": 50.0, "0.03": 70.0, "0.1": 60.0}}
+    size = ev.Size(50, 3, 1)
+    runs = [ev.run_arm(size, f"se_val@{w:g}", 0, tmp_path, None, "cpu") for w in ev.VAL_LAMBDAS]
+    assert [(r["arm"], r["lambda"], r["top1"]) for r in runs] == [
+        ("se_val@0.01", 0.01, 50.0), ("se_val@0.03", 0.03, 70.0), ("se_val@0.1", 0.1, 60.0),
+    ]  # fmt: skip
     assert set(splits) == {"train"}  # neither "test" nor "val" (the test scenes) is built
     for fit, val in seen:
         assert len(fit) == 400 and len(val) == 100 and not fit & val
-    # read back, not retrained; a tie goes to the smaller λ
-    scores.update({0.01: 70.0})
-    tied = tmp_path / "tied"
-    assert ev.select_lambda(ev.Size(50, 3, 1), 0, tied, "cpu")["lambda"] == 0.01
-    assert len(seen) == 6
+    record = {"selection": runs}
+    chosen = ev.select_lambda(ev.selection_scores(record, 50, 0))
+    assert chosen == {"lambda": 0.03, "val_top1": {"0.01": 50.0, "0.03": 70.0, "0.1": 60.0}}
+    # read back, not retrained
+    assert ev.run_arm(size, "se_val@0.03", 0, tmp_path, None, "cpu")["top1"] == 70.0
+    assert len(seen) == 3
+    # a tie goes to the smaller λ
+    assert ev.select_lambda({0.01: 70.0, 0.03: 70.0, 0.1: 60.0})["lambda"] == 0.01
+
+
+def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
+    ev, tmp_path, monkeypatch
+) -> None:
+    results = tmp_path / "record.json"
+    record = ev.load_record(results)
+    record["pilot"]["50"] = fake_result(ev.Size(50, 400, 1), "pilot", 0)
+    ev.save_record(record, results)
+    calls, killed, val_top1 = [], [], {0.01: 60.0, 0.03: 65.0, 0.1: 61.0}
+
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
+        calls.append(arm)
+        if arm.startswith("se_val@"):
+            if arm == "se_val@0.1" and not killed:
+                killed.append(arm)
+                raise RuntimeError("killed")  # the first session loses this one
+            weight = float(arm.split("@")[1])
+            return {"n_per_class": 50, "arm": arm, "seed": seed, "lambda": weight,
+                    "top1": val_top1[weight]}  # fmt: skip
+        result = fake_result(size, arm, seed)
+        if arm == "se_val":
+            result |= ev.select_lambda(selections[(50, seed)])
+        return result
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    argv = ["evidence_v2", "--sizes", "50", "--arms", "baseline", "se_val", "--seeds", "1",
+            "--results", str(results)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [*argv, "--work-dir", str(tmp_path / "machine1")])
+    ev.main()
+    assert calls == ["baseline", "se_val@0.01", "se_val@0.03", "se_val@0.1"]
+    stored = json.loads(results.read_text())
+    assert [r["arm"] for r in stored["selection"]] == ["se_val@0.01", "se_val@0.03"]
+    assert [r["arm"] for r in stored["runs"]] == ["baseline"]  # selection runs are not arms
+    # a fresh machine trains the missing selection run, then se_val in the same invocation
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", [*argv, "--work-dir", str(tmp_path / "machine2")])
+    ev.main()
+    assert calls == ["se_val@0.1", "se_val"]
+    stored = json.loads(results.read_text())
+    se_val = [r for r in stored["runs"] if r["arm"] == "se_val"]
+    assert se_val[0]["lambda"] == 0.03 and se_val[0]["val_top1"]["0.1"] == 61.0
 
 
 def test_pending_skips_recorded_runs_in_seed_order(ev) -> None:
@@ -121,7 +170,7 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     results = tmp_path / "record.json"
     calls = []
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
         # every run finished before this one is already in the record on disk
         on_disk = json.loads(results.read_text()) if results.is_file() else {"runs": []}
         calls.append((size.n_per_class, arm, seed, len(on_disk["runs"])))
@@ -265,7 +314,7 @@ def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
     ev.save_record(record, results)
     calls = []
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
         calls.append((size.n_per_class, arm, seed))
         return fake_result(size, arm, seed)
 
