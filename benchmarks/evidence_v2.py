@@ -30,8 +30,9 @@ and ``conv_stem``) and H3 (``se`` raises the Jaccard), see `hypotheses`.
 
 Execution survives sessions: every finished run (and each pilot) is written into the results
 JSON (``--results``, default the committed benchmarks/results/evidence_v2.json) as it
-finishes, atomically (``se_val``'s three selection runs too, as units of their own); an invocation skips every run recorded there, so a fresh machine
-without ``runs/`` continues where the last one stopped. Runs go in seed order (seed 0 of every
+finishes, atomically (``se_val``'s three selection runs too, as units of their own); an
+invocation skips every run recorded there, so a fresh machine without ``runs/`` continues
+where the last one stopped. Runs go in seed order (seed 0 of every
 size and arm, then seed 1, ...), so a partial record stays paired.
 
     timeout 150m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1  # CPU

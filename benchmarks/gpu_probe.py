@@ -340,7 +340,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--parts", nargs="*", default=None, help="default: all")
+    parser.add_argument("--parts", nargs="*", default=None, help="in this order; default: all")
     parser.add_argument("--runs-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
         "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
@@ -361,9 +361,11 @@ def main() -> None:
             args.device, args.runs_at_once, args.engine_epochs
         ),
     }
-    for name, part in parts.items():
-        if args.parts is not None and name not in args.parts:
-            continue
+    unknown = set(args.parts or ()) - set(parts)
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; known: {list(parts)}")
+    for name in args.parts or list(parts):  # in the order asked for
+        part = parts[name]
         try:
             result[name] = part()
         except Exception as error:  # report it and go on with the other parts

@@ -47,10 +47,10 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
 else
     device=cuda
     speed=()
-    # 8 runs side by side, each with one loader process: 16 cores (the augmentation of a batch
-    # of 64 costs ~30 ms of one core, as much as the GPU step of this small model)
-    evidence_extra=(--jobs 8 --threads 1 --num-workers 1)
-    probe=()
+    # runs side by side, one process each, their data on the GPU (no loader processes); the
+    # session replaces 8 with the count the probe's engine_parallel found fastest
+    evidence_extra=(--jobs 8 --threads 1)
+    probe=(--runs-at-once 1 4 8 16)
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
     export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
@@ -106,7 +106,7 @@ smokes() {
 # recorded there are skipped; every run finished here is written to $OUT/evidence_v2.json at
 # once, so a cut-off session still leaves a consistent, paired record in seed order). No run
 # starts in the last 90 s (a late run could not finish and would not be recorded). Runs'
-# directories go to memory (/dev/shm): checkpoints are written every epoch and fsynced.
+# directories go to memory (/dev/shm): checkpoints are written and fsynced 20 times a run.
 evidence() {
     local seconds=$1 results="$OUT/evidence_v2.json" work=/dev/shm/evidence_v2
     [ -d /dev/shm ] || work=runs/evidence_v2_gpu
@@ -125,6 +125,19 @@ evidence() {
     tail -40 "$OUT/evidence.log"
 }
 
+# best_jobs PROBE_JSON: the runs-at-once count with the most steps per second together in the
+# probe's engine_parallel rows (8 when the probe has none)
+best_jobs() {
+    $py - "$1" <<'PY'
+import json, sys
+try:
+    rows = [r for r in json.load(open(sys.argv[1]))["engine_parallel"] if "runs" in r]
+    print(max(rows, key=lambda r: r["steps_per_s_together"])["runs"])
+except Exception:
+    print(8)
+PY
+}
+
 case "${1:-checks}" in
 session)
     total=${2:?usage: $0 session SECONDS}
@@ -133,10 +146,15 @@ session)
         loss_speed 200
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
         timeout 300 $py benchmarks/gpu_probe.py --device $device --parts loss step \
-            engine_variants engine_parallel "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
+            engine_parallel engine_variants "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
             | strip | cut -c1-400
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
+    if [ $device = cuda ]; then  # as many runs side by side as gave the most steps per second
+        jobs=$(best_jobs "$OUT/gpu_probe.json")
+        evidence_extra=(--jobs "$jobs" --threads 1)
+        echo "== evidence with $jobs runs side by side (gpu_probe.json, engine_parallel)"
+    fi
     left=$((total - (SECONDS - start) - 20))
     if [ $left -lt 240 ]; then  # too little for any run to finish: nothing would be recorded
         echo "== no evidence run: $left s left after the checks ($((SECONDS - start)) s)"
