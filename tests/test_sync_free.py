@@ -251,3 +251,30 @@ def test_cuda_graph_replays_the_loss_forward_and_backward() -> None:
     expected.sum().backward()
     torch.testing.assert_close(value.cpu(), expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(static.grad.cpu(), x.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_batches_equal_the_loader_and_synchronise_never() -> None:
+    import warnings
+
+    from spatial_entropy.data import build_dataset
+    from spatial_entropy.distributed import DistributedInfo
+    from spatial_entropy.loader import DeviceTrainBatches, build_train_loader
+
+    augment = {"auto_augment": None, "reprob": 0.0}
+    data = build_dataset("fashion-mnist", "train", is_train=True, augment=augment, n_per_class=8)
+    on_gpu = DeviceTrainBatches(data, 16, DistributedInfo(device=torch.device("cuda")), seed=4)
+    reference = list(build_train_loader(data, 16, DistributedInfo(), seed=4))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            batches = list(on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert syncs == []
+    assert len(batches) == len(reference) == 5
+    for (x, y), (u, v) in zip(batches, reference, strict=True):
+        assert x.is_cuda and torch.equal(x.cpu(), u) and torch.equal(y.cpu(), v)

@@ -227,8 +227,13 @@ class DeviceTrainBatches:
         for epoch, index in keys:
             self._generator.manual_seed(sample_seed(self.seed, epoch, index))
             draws.append(self.geometry.draw(self._generator))
-        top, left, flip_h, flip_v = torch.tensor(draws).to(self.device).unbind(1)
-        index = torch.tensor([i for _, i in keys]).to(self.device)
+        # One host-to-device copy a batch, from pinned memory and asynchronous: a copy from
+        # pageable memory would wait for the GPU to finish the previous step.
+        params = torch.tensor([(i, *draw) for (_, i), draw in zip(keys, draws, strict=True)])
+        if self.device.type == "cuda":
+            params = params.pin_memory()
+        params = params.to(self.device, non_blocking=True)
+        index, top, left, flip_h, flip_v = params.unbind(1)
         size, channels = self.geometry.size, self.images.shape[1]
         ar = torch.arange(size, device=self.device)
         rows = top[:, None] + torch.where(flip_v[:, None] != 0, size - 1 - ar, ar)
