@@ -131,3 +131,21 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_continue(tmp_path, capsys, monkey
     monkeypatch.setenv("SPATIAL_ENTROPY_DEBUG", "1")
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--output", str(run), *TINY])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("opt", "adamx", ["'opt'", "'adamx'", "did you mean 'adamax'"]),
+        ("sched", "cosin", ["'sched'", "cosin"]),
+    ],
+)
+def test_unknown_optimiser_or_schedule_is_refused_before_the_data_is_read(
+    tmp_path, capsys, key, value, named
+):
+    # the data folder does not exist: reading the data first would fail on it instead
+    missing = tmp_path / "no-images-here"
+    argv = ["train", "--output", str(tmp_path / "run"), *TINY, "--set", f"{key}={value}"]
+    argv += ["--set", "dataset=imagefolder", "--set", f"data_path={missing}"]
+    line = assert_one_line_error(*run_cli(capsys, argv), *named)
+    assert str(missing) not in line and not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
 from timm.scheduler.scheduler import Scheduler
 from timm.scheduler.scheduler_factory import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
@@ -379,6 +380,38 @@ def _criterion(config: TrainConfig, num_classes: int) -> tuple[nn.Module, Mixup 
     return nn.CrossEntropyLoss(), None
 
 
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's per-step schedule of ``cfg`` (``sched``, warm-up, ``min_lr``) for ``optimizer``."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    return scheduler
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """Refuse, in one line and before any data is read, an optimiser (``opt``) or schedule
+    (``sched``) that timm cannot build: timm's own factories judge, on a one-weight stand-in.
+
+    Raises:
+        ValueError: names the key, timm's reason and, for ``opt``, close optimiser names.
+    """
+    try:
+        optimizer = create_optimizer_v2(
+            nn.Linear(1, 1), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+    except Exception as error:  # timm raises several types (unknown name, missing package)
+        name = cfg.opt.lower().split("_")[-1]
+        close = difflib.get_close_matches(name, list_optimizers(), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"config key 'opt' {cfg.opt!r}: {error}{hint}") from None
+    try:
+        _scheduler(cfg, optimizer, steps_per_epoch=1)
+    except Exception as error:
+        raise ValueError(f"config key 'sched' {cfg.sched!r}: {error}") from None
+
+
 def build_training_run(
     cfg: TrainConfig,
     info: DistributedInfo,
@@ -430,11 +463,7 @@ def build_training_run(
     for module in modules.values():
         for group in param_groups_weight_decay(module, cfg.weight_decay):
             optimizer.add_param_group(group)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )  # fmt: skip
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
     if weights is not None:
@@ -590,6 +619,7 @@ def _train(
             f"{run_dir} already holds a run ({names}); pass --resume auto to continue it, "
             "--overwrite to delete it and start again, or choose another --output"
         )
+    check_recipe(cfg)
     train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, info)
     run = build_training_run(
