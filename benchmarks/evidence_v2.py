@@ -549,6 +549,14 @@ def report(record: dict) -> str:
     lines += ["", "Hypotheses:", ""]
     lines += [f"- {name}, n = {n}: **{verdict}** ({evidence})"
               for name, n, verdict, evidence in hypotheses(results)]  # fmt: skip
+    selection = sorted({(r["n_per_class"], r["seed"]) for r in record.get("selection", [])})
+    if selection:
+        lines += ["", "se_val's selection runs (top-1 on the validation images carved from the "
+                  "training images, by λ):", ""]  # fmt: skip
+        for n, seed in selection:
+            scores = selection_scores(record, n, seed)
+            listed = ", ".join(f"λ {w:g}: {scores[w]:.1f}" for w in sorted(scores))
+            lines.append(f"- n = {n}, seed {seed}: {listed}")
     return "\n".join(lines)
 
 

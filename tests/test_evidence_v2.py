@@ -131,6 +131,7 @@ def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
     stored = json.loads(results.read_text())
     assert [r["arm"] for r in stored["selection"]] == ["se_val@0.01", "se_val@0.03"]
     assert [r["arm"] for r in stored["runs"]] == ["baseline"]  # selection runs are not arms
+    assert "- n = 50, seed 0: λ 0.01: 60.0, λ 0.03: 65.0" in ev.report(stored)
     # a fresh machine trains the missing selection run, then se_val in the same invocation
     calls.clear()
     monkeypatch.setattr(sys, "argv", [*argv, "--work-dir", str(tmp_path / "machine2")])
