@@ -102,10 +102,7 @@ def test_selection_runs_use_validation_never_test(ev, tmp_path, monkeypatch) -> 
 def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
     ev, tmp_path, monkeypatch
 ) -> None:
-    results = tmp_path / "record.json"
-    record = ev.load_record(results)
-    record["pilot"]["50"] = fake_result(ev.Size(50, 400, 1), "pilot", 0)
-    ev.save_record(record, results)
+    results = record_with_pilot_50(ev, tmp_path / "record.json")
     calls, killed, val_top1 = [], [], {0.01: 60.0, 0.03: 65.0, 0.1: 61.0}
 
     def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
@@ -165,6 +162,14 @@ def fake_result(size, arm, seed) -> dict:
     return {"n_per_class": size.n_per_class, "epochs": size.epochs, "arm": arm, "seed": seed,
             "steps": 1, "top1": 50.0 + seed, "train_top1": 90.0, "gap": 40.0 - seed,
             "jaccard": None, "se_mean": None}  # fmt: skip
+
+
+def record_with_pilot_50(ev, results):
+    """A new record at ``results`` that holds the 50-per-class pilot only."""
+    record = ev.load_record(results)
+    record["pilot"]["50"] = fake_result(ev.Size(50, 400, 1), "pilot", 0)
+    ev.save_record(record, results)
+    return results
 
 
 def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
@@ -309,10 +314,7 @@ def test_pilot_stops_once_decided_with_the_whole_pilots_choice(ev, tiny_pilot) -
 def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
     ev, tmp_path, monkeypatch
 ) -> None:
-    results = tmp_path / "record.json"
-    record = ev.load_record(results)
-    record["pilot"]["50"] = fake_result(ev.Size(50, 400, 1), "pilot", 0)
-    ev.save_record(record, results)
+    results = record_with_pilot_50(ev, tmp_path / "record.json")
     calls = []
 
     def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
