@@ -133,13 +133,14 @@ def config_for(
     seed: int,
     device: str,
     weight: float | None = None,
-    num_workers: int = 0,
+    speed: dict | None = None,
 ):
     """The run's TrainConfig: data_efficiency's recipe at the 14x14 grid plus the arm's keys
-    (``weight`` overrides the λ of ``se_val``). ``num_workers`` changes only the speed: the
-    loaders' augmentation is a function of (seed, epoch, sample), whatever the workers."""
+    (``weight`` overrides the λ of ``se_val``). ``speed``: config keys that change only how
+    fast the run goes (`SPEED_KEYS`: the augmentation is a function of (seed, epoch, sample),
+    whatever the loader processes, and the batches kept on the device are the same)."""
     values = recipe(size, seed, Variant(img_size=IMG_SIZE), device) | {"model": VIT}
-    values["num_workers"] = num_workers
+    values |= _speed(speed)
     values |= {k: dict(v) if isinstance(v, dict) else v for k, v in arms()[arm].items()}
     if weight is not None:
         values["se"] = dict(values["se"], weight=weight)
@@ -199,13 +200,13 @@ def selection_arm(weight: float) -> str:
 
 
 def train_selection(
-    size: Size, seed: int, weight: float, work_dir: Path, device: str, num_workers: int = 0
+    size: Size, seed: int, weight: float, work_dir: Path, device: str, speed: dict | None = None
 ) -> dict:
     """One of ``se_val``'s selection runs: λ ``weight`` trained on the fit part of the
     training images and scored (``top1``) on the carved validation part. The test split is
     never built here. Recorded on its own (``record["selection"]``), so a later session
     needs only the selection runs it lacks."""
-    config = config_for(size, "se_val", seed, device, weight, num_workers)
+    config = config_for(size, "se_val", seed, device, weight, speed)
     run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / "se_val_select"
     run_dir = run_dir / f"lambda{weight:g}" / f"seed{seed}"
     datasets = (
@@ -244,19 +245,19 @@ def run_arm(
     work_dir: Path,
     variant: Variant,
     device: str,
-    num_workers: int = 0,
+    speed: dict | None = None,
     selections: dict | None = None,
 ):
     """One run (data_efficiency.execute's ``run_fn``): the pilot (arm ``"pilot"``), one of
     ``se_val``'s selection runs (``se_val@λ``), or an arm trained on its training images,
     evaluated on the test set and its own training subset. ``se_val`` takes its λ from the
     recorded selection runs, ``selections[(n, seed)]`` (λ -> validation top-1).
-    ``num_workers``: data-loading processes per run (speed only)."""
+    ``speed``: config keys that change only the speed (`config_for`)."""
     if arm == "pilot":
-        return run_pilot(size, work_dir, device, num_workers)
+        return run_pilot(size, work_dir, device, speed)
     if arm.startswith(SELECTION):
         weight = float(arm.removeprefix(SELECTION))
-        return train_selection(size, seed, weight, work_dir, device, num_workers)
+        return train_selection(size, seed, weight, work_dir, device, speed)
     run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / arm / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.is_file():
@@ -264,7 +265,7 @@ def run_arm(
     selection = {}
     if arm == "se_val":
         selection = select_lambda((selections or {})[(size.n_per_class, seed)])
-    config = config_for(size, arm, seed, device, selection.get("lambda"), num_workers)
+    config = config_for(size, arm, seed, device, selection.get("lambda"), speed)
     metrics = _train(config, run_dir)
     attention = evaluate_run(run_dir, "test", device=device, attention=True, mass=0.6)
     train_top1 = subset_top1(run_dir, device)
@@ -283,12 +284,23 @@ def run_arm(
     return result
 
 
+SPEED_KEYS = ("num_workers", "data_on_device")
+"""Config keys a run may take from the command line: they change its speed, not its result."""
+
+
+def _speed(speed: dict | None) -> dict:
+    unknown = set(speed or {}) - set(SPEED_KEYS)
+    if unknown:
+        raise ValueError(f"not speed-only config keys: {sorted(unknown)}; {SPEED_KEYS} are")
+    return {"num_workers": 0} | dict(speed or {})
+
+
 def device_name(device: str) -> str:
     """The accelerator a run's times were measured on ("cpu" or the GPU's name)."""
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def run_pilot(size: Size, work_dir: Path, device: str, num_workers: int = 0) -> dict:
+def run_pilot(size: Size, work_dir: Path, device: str, speed: dict | None = None) -> dict:
     """The baseline, seed 0, up to ``size.epochs`` epochs, evaluated on its un-augmented
     training subset ``PILOT_EVALS`` times; returns the log and the epochs `choose_epochs`
     picks. Trains ``PILOT_CHUNK_EVALS`` evaluations at a time (``max_steps``; the schedule
@@ -296,7 +308,7 @@ def run_pilot(size: Size, work_dir: Path, device: str, num_workers: int = 0) -> 
     epochs = size.epochs
     every = max(1, epochs // PILOT_EVALS)
     values = recipe(size, 0, Variant(img_size=IMG_SIZE), device) | {"model": VIT}
-    values |= ARMS["baseline"] | {"eval_every": every, "num_workers": num_workers}
+    values |= ARMS["baseline"] | {"eval_every": every} | _speed(speed)
     config = load_config(values=values)
     run_dir = work_dir / "pilot" / f"n{size.n_per_class}_e{epochs}"
     datasets = (training_images(config, augmented=True), training_images(config, augmented=False))
@@ -608,6 +620,12 @@ def main() -> None:
         default=0,
         help="data-loading processes per run (speed only, results unchanged)",
     )
+    parser.add_argument(
+        "--data-on-device",
+        default="auto",
+        choices=["auto", "off"],
+        help="the config key of that name (speed only, the same batches): off = DataLoaders",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
@@ -657,7 +675,8 @@ def main() -> None:
             (r["n_per_class"], r["seed"]): selection_scores(record, r["n_per_class"], r["seed"])
             for r in record["selection"]
         }
-        run_fn = functools.partial(run_arm, num_workers=args.num_workers, selections=selections)
+        speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device}
+        run_fn = functools.partial(run_arm, speed=speed, selections=selections)
         execute(
             pilots + runs, args.work_dir, variant=Variant(img_size=IMG_SIZE),
             device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,

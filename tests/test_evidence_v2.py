@@ -105,7 +105,7 @@ def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
     results = record_with_pilot_50(ev, tmp_path / "record.json")
     calls, killed, val_top1 = [], [], {0.01: 60.0, 0.03: 65.0, 0.1: 61.0}
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
         calls.append(arm)
         if arm.startswith("se_val@"):
             if arm == "se_val@0.1" and not killed:
@@ -176,7 +176,7 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     results = tmp_path / "record.json"
     calls = []
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
         # every run finished before this one is already in the record on disk
         on_disk = json.loads(results.read_text()) if results.is_file() else {"runs": []}
         calls.append((size.n_per_class, arm, seed, len(on_disk["runs"])))
@@ -317,7 +317,7 @@ def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
     results = record_with_pilot_50(ev, tmp_path / "record.json")
     calls = []
 
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, num_workers=0, selections=None):
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
         calls.append((size.n_per_class, arm, seed))
         return fake_result(size, arm, seed)
 
