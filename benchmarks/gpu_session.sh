@@ -7,16 +7,18 @@
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests, the
-# loss-speed table and the probe (benchmarks/gpu_probe.py: the loss's kernels, the engine's step
-# eager / compiled / CUDA-graphed, 1-8 runs at once) first, on a quiet GPU (timings); then,
-# if at least 4 minutes are left, the evidence run for the time left, with the training smokes
-# (fp16, torch.compile, torchrun + resume, evaluate) beside it. It ends by itself about 20 s
+# probe (benchmarks/gpu_probe.py: the loss's kernels, the step, 1-16 engine runs at once, the
+# engine eager / through DataLoaders / compiled / without checkpoints) and the loss-speed table
+# first, on a quiet GPU (timings); then, if at least 4 minutes are left, the evidence run for
+# the time left, with as many runs side by side as the probe found fastest (DataLoaders if the
+# device batches failed their CUDA test), and the training smokes (fp16, torch.compile,
+# torchrun + resume, evaluate) beside it. It ends by itself about 20 s
 # before SECONDS and leaves at most 8 files in $OUT:
 #   checks.txt            CUDA tests and the loss-speed table as printed
 #   loss_speed_cuda.json  every labeller with its host syncs, the CUDA-graph capture of the loss,
 #                         the loss under torch.compile, one bf16 training step of the benchmark
 #                         model and of ViT-S/16, ViT-B/16, ViT-S/16@384 with and without it
-#   gpu_probe.json        launch cost, the loss's kernels, the step graphed, 1-8 runs at once
+#   gpu_probe.json        the loss's kernels, the step, 1-16 runs at once, the engine's variants
 #   smokes.txt            the training smokes' last lines
 #   evidence_v2.json/.md  the record (continuing the committed one) and its report
 #   evidence.log          the evidence run's lines, then GPU utilisation every 10 s during it
@@ -154,11 +156,13 @@ session)
     total=${2:?usage: $0 session SECONDS}
     {
         cuda_tests
-        loss_speed 200
+        # the evidence's own measurements first (runs at once, the engine's variants), then
+        # the loss table's GPU figures
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
-        timeout 300 $py benchmarks/gpu_probe.py --device $device --parts loss step \
+        timeout 240 $py benchmarks/gpu_probe.py --device $device --parts loss step \
             engine_parallel engine_variants "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
             | strip | cut -c1-400
+        loss_speed 150
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
     if [ $device = cuda ]; then  # as many runs side by side as gave the most steps per second
