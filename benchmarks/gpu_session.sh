@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh session SECONDS   # all of it within SECONDS: checks, then evidence
 #   bash benchmarks/gpu_session.sh checks            # CUDA tests, loss speed, training smokes
-#   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py)
+#   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
+#                                                    # JOBS=N: runs side by side (default 8)
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests, the
@@ -51,7 +52,7 @@ else
     speed=()
     # runs side by side, one process each, their data on the GPU (no loader processes); the
     # session replaces 8 with the count the probe's engine_parallel found fastest
-    evidence_extra=(--jobs 8 --threads 1)
+    evidence_extra=(--jobs "${JOBS:-8}" --threads 1)
     probe=(--runs-at-once 1 4 8 16)
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
