@@ -689,7 +689,10 @@ def main() -> None:
                          "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)
     print(write_report(record, args.results))
-    remaining = sum(map(len, pending(record, args.sizes, arm_names, args.seeds)))
+    pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
+    # a seed's se_val waits behind its selection runs: count it too
+    waiting = {(size.n_per_class, seed) for size, arm, seed in runs if arm.startswith(SELECTION)}
+    remaining = len(pilots) + len(runs) + len(waiting)
     print(f"{len(record['runs'])} runs recorded in {args.results}; {remaining} still to do "
           f"({(time.perf_counter() - start) / 60:.1f} min this invocation)")  # fmt: skip
 
