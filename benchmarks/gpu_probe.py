@@ -16,6 +16,8 @@ Measures, in one process and side by side:
 - the augmented data of one batch of 64 (the benchmark's CPU transform), ms per batch;
 - the engine training the evidence pilot's configuration for 15 epochs under cProfile, with
   0 and 1 loader processes: seconds per step and where they go;
+- the engine's host-side cost per step (the same run with a one-block, 16-wide model) through
+  DataLoaders and with its data on the device;
 - that run through DataLoaders (``data_on_device: off``), with its data on the device (the
   default for this recipe), compiled (inductor's default and reduce-overhead modes) and
   without its epoch-end checkpoints: seconds per step of the loop and per epoch outside it;
@@ -295,6 +297,21 @@ def engine_variants(device: str, epochs: int = 15) -> list[dict]:
     return rows
 
 
+def engine_host(device: str, epochs: int = 40, repeats: int = 2) -> list[dict]:
+    """The engine's host-side cost per step: the pilot's configuration with a model so small
+    (one block, width 16, no regulariser) that its compute is negligible, through DataLoaders
+    and with its data on the device, alternating; ms per step (best of ``repeats``)."""
+    tiny = {"model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 1}, "se": {"weight": 0}}
+    variants = {"dataloader": {"data_on_device": "off"}, "data_on_device": {}}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, overrides in variants.items():
+            metrics, _, _ = engine_run(device, 0, epochs, overrides=tiny | overrides)
+            times[name].append(metrics["train_time_s"] / metrics["steps"] * 1e3)
+    return [{"variant": name, "ms_per_step": min(values), "runs_ms": values}
+            for name, values in times.items()]  # fmt: skip
+
+
 def engine_profile(device: str, num_workers: int, epochs: int = 15) -> dict:
     """`engine_run` under cProfile: seconds per step and the functions that take the time."""
     import cProfile
@@ -356,6 +373,7 @@ def main() -> None:
         "data_ms_per_64": data_ms,
         "engine_workers0": lambda: engine_profile(args.device, 0),
         "engine_workers1": lambda: engine_profile(args.device, 1),
+        "engine_host": lambda: engine_host(args.device),
         "engine_variants": lambda: engine_variants(args.device, max(6, args.engine_epochs)),
         "engine_parallel": lambda: engine_parallel(
             args.device, args.runs_at_once, args.engine_epochs
