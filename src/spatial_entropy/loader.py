@@ -90,6 +90,21 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
+def _train_sampler(
+    dataset: Dataset, batch_size: int, info: DistributedInfo, seed: int
+) -> ResumableSampler:
+    """This rank's resumable order of ``dataset``; refuses fewer images than one batch."""
+    sampler = ResumableSampler(
+        dataset, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed
+    )
+    if len(sampler) < batch_size:
+        raise ValueError(
+            f"{len(dataset)} training images give {len(sampler)} per process, fewer than "
+            f"batch_size={batch_size}; lower batch_size or use more data"
+        )
+    return sampler
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -100,14 +115,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Shuffled, resumable training loader of ``batch_size`` per process (last partial batch
     dropped, so every step has the same global batch)."""
-    sampler = ResumableSampler(
-        dataset, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed
-    )
-    if len(sampler) < batch_size:
-        raise ValueError(
-            f"{len(dataset)} training images give {len(sampler)} per process, fewer than "
-            f"batch_size={batch_size}; lower batch_size or use more data"
-        )
+    sampler = _train_sampler(dataset, batch_size, info, seed)
     return DataLoader(
         EpochSeededDataset(dataset, seed),
         batch_size=batch_size,
@@ -198,14 +206,7 @@ class DeviceTrainBatches:
         base, positions = _base_positions(dataset)
         self.geometry = base.transform.geometry
         self.seed, self.batch_size, self.device = seed, batch_size, info.device
-        self.sampler = ResumableSampler(
-            dataset, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed
-        )
-        if len(self.sampler) < batch_size:
-            raise ValueError(
-                f"{len(dataset)} training images give {len(self.sampler)} per process, fewer "
-                f"than batch_size={batch_size}; lower batch_size or use more data"
-            )
+        self.sampler = _train_sampler(dataset, batch_size, info, seed)
         images = [self.geometry.resize(base.load(i)[0])[0] for i in positions]
         pad = self.geometry.padding
         stacked = torch.stack([TF.pil_to_tensor(image) for image in images])
