@@ -23,6 +23,8 @@ Measures, in one process and side by side:
   without its epoch-end checkpoints: seconds per step of the loop and per epoch outside it;
 - 1, 2, 4 and 8 such runs at once, one process each: seconds per step of each and steps per
   second of all together (how many runs side by side pay).
+- 1, 4 and 16 copies of the ViT trained as one vmapped step (``models_batched``): ms per step
+  and per copy (whether several runs in one process would pay more than runs side by side).
 
 On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the script.
 """
@@ -210,6 +212,62 @@ def graphed_model_step_ms(device: str, batch: int) -> dict:
     return {"graphed_plain_ms": median_ms(step, device), **kernels(step, device)}
 
 
+def _batched_step(device: str, batch: int, k: int):
+    """One training step of ``k`` stacked, vmapped copies of the evidence ViT (see
+    `models_batched`)."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    models = [
+        create_model("se_vit_small_patch4_56", num_classes=10, in_chans=1, drop_path_rate=0.1)
+        .to(device)
+        .train()
+        for _ in range(k)
+    ]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
+    images = torch.rand(k, batch, 1, 56, 56, device=device)
+    labels = torch.randint(0, 10, (k, batch), device=device)
+    forward = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), randomness="different")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = forward(params, buffers, images)
+        per_image = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+        )
+        per_image.view(k, batch).mean(1).sum().backward()
+        optimizer.step()
+
+    return step
+
+
+def models_batched(device: str, batch: int, counts=(1, 4, 16)) -> list[dict]:
+    """K copies of the evidence ViT (drop path 0.1) trained as one step: their parameters
+    stacked and the model vmapped over them (``torch.func``), one batch of ``batch`` images
+    per copy, cross-entropy summed over copies (each copy's gradient is its own), bf16 autocast
+    on CUDA, one AdamW over the stacked parameters. ms per step of all K and per copy, and
+    the kernels and device time of a step: whether several runs in one process would beat runs
+    side by side, which cannot overlap their kernels on one GPU (not built; measured first)."""
+    import warnings
+
+    rows = []
+    for k in counts:
+        step = _batched_step(device, batch, k)
+        with warnings.catch_warnings():  # "batching rule not implemented": a loop, timed as is
+            warnings.simplefilter("ignore", UserWarning)
+            ms = median_ms(step, device, repeats=10)
+            row = {"models": k, "ms_per_step": ms, "ms_per_model_step": ms / k}
+            row |= {key: value for key, value in kernels(step, device).items() if key != "top"}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def data_ms() -> float:
     from spatial_entropy.data import build_dataset
 
@@ -360,6 +418,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=None, help="in this order; default: all")
     parser.add_argument("--runs-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
+        "--models-at-once", type=int, nargs="+", default=[1, 4, 16], help="of models_batched"
+    )
+    parser.add_argument(
         "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
     )
     args = parser.parse_args()
@@ -370,6 +431,7 @@ def main() -> None:
         "loss": lambda: loss_rows(args.device),
         "step": lambda: step_rows(args.device, args.batch),
         "graphed_step": lambda: graphed_model_step_ms(args.device, args.batch),
+        "models_batched": lambda: models_batched(args.device, args.batch, args.models_at_once),
         "data_ms_per_64": data_ms,
         "engine_workers0": lambda: engine_profile(args.device, 0),
         "engine_workers1": lambda: engine_profile(args.device, 1),

@@ -8,8 +8,9 @@
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests, the
-# probe (benchmarks/gpu_probe.py: the loss's kernels, the step, 1-16 engine runs at once, the
-# engine eager / through DataLoaders / compiled / without checkpoints) and the loss-speed table
+# probe (benchmarks/gpu_probe.py: the loss's kernels, the step, 1-16 engine runs at once, 1-16
+# copies of the model as one vmapped step, the engine eager / through DataLoaders / compiled /
+# without checkpoints) and the loss-speed table
 # first, on a quiet GPU (timings); then, if at least 4 minutes are left, the evidence run for
 # the time left, with as many runs side by side as the probe found fastest (DataLoaders if the
 # device batches failed their CUDA test), and the training smokes (fp16, torch.compile,
@@ -46,7 +47,7 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
         --models vit_small_patch16_224)
     evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
-    probe=(--runs-at-once 1 --engine-epochs 1 --parts loss step)
+    probe=(--runs-at-once 1 --engine-epochs 1 --models-at-once 1 2 --batch 8 --parts loss step)
 else
     device=cuda
     speed=()
@@ -161,7 +162,8 @@ session)
         # the loss table's GPU figures
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
         timeout 240 $py benchmarks/gpu_probe.py --device $device --parts loss step \
-            engine_parallel engine_variants "${probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
+            engine_parallel models_batched engine_variants "${probe[@]}" \
+            --out "$OUT/gpu_probe.json" 2>&1 \
             | strip | cut -c1-400
         loss_speed 150
     } > "$OUT/checks.txt" 2>&1
