@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
 # The GPU work of a session that is lent a CUDA machine, as one prepared script.
 #
-#   bash benchmarks/gpu_session.sh session SECONDS   # all of it within SECONDS: checks, then evidence
-#   bash benchmarks/gpu_session.sh checks            # CUDA tests, loss speed, training smokes
+#   bash benchmarks/gpu_session.sh session SECONDS   # within SECONDS: CUDA tests, short probe, evidence
+#   bash benchmarks/gpu_session.sh checks            # CUDA tests, full probe, loss speed, smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
 #                                                    # JOBS=N: runs side by side (default 8)
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
-# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests, the
-# probe (benchmarks/gpu_probe.py: the loss's kernels, the step, 1-16 engine runs at once, 1-16
-# copies of the model as one vmapped step, the engine eager / through DataLoaders / compiled /
-# without checkpoints) and the loss-speed table
-# first, on a quiet GPU (timings); then, if at least 4 minutes are left, the evidence run for
-# the time left, with as many runs side by side as the probe found fastest (DataLoaders if the
-# device batches failed their CUDA test), and the training smokes (fp16, torch.compile,
-# torchrun + resume, evaluate) beside it. It ends by itself about 20 s
-# before SECONDS and leaves at most 8 files in $OUT:
-#   checks.txt            CUDA tests and the loss-speed table as printed
-#   loss_speed_cuda.json  every labeller with its host syncs, the CUDA-graph capture of the loss,
-#                         the loss under torch.compile, one bf16 training step of the benchmark
-#                         model and of ViT-S/16, ViT-B/16, ViT-S/16@384 with and without it
-#   gpu_probe.json        the loss's kernels, the step, 1-16 runs at once, the engine's variants
-#   smokes.txt            the training smokes' last lines
+# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests and a
+# short probe (benchmarks/gpu_probe.py: one step's time and kernels, 1-16 copies of the model as
+# one vmapped step, 1/6/12 engine runs side by side), about 1.5 minutes; then, if at least 4
+# minutes are left, the evidence run for the time left, with as many runs side by side as the
+# probe found fastest (DataLoaders if the device batches failed their CUDA test). The evidence
+# record is itself the measurement of that arrangement (each run's steps and training time).
+# It ends by itself about 20 s before SECONDS and leaves in $OUT:
+#   checks.txt            the CUDA tests and the probe as printed
+#   gpu_probe.json        the probe's rows
 #   evidence_v2.json/.md  the record (continuing the committed one) and its report
 #   evidence.log          the evidence run's lines, then GPU utilisation every 10 s during it
 # (the plot is left out: `evidence_v2.py --report` draws it again from the JSON)
-# Copy evidence_v2.json and loss_speed_cuda.json into benchmarks/results/ and commit them.
+# `checks` is for a session that measures instead: the CUDA tests, the full probe (also the
+# loss's kernels, the step as CUDA graphs, the engine eager / through DataLoaders / compiled /
+# without checkpoints), the loss-speed table (loss_speed_cuda.json: every labeller with its host
+# syncs, the CUDA-graph capture of the loss, bf16 training steps of the benchmark model and of
+# ViT-S/16, ViT-B/16, ViT-S/16@384 with and without the loss) and the training smokes
+# (smokes.txt: fp16, torch.compile, torchrun + resume, evaluate).
+# Copy evidence_v2.json (and gpu_probe.json, loss_speed_cuda.json) into benchmarks/results/ and
+# commit them.
 #
 # `checks` and `session` tried on the CPU: `SMOKE=1 bash benchmarks/gpu_session.sh session 600`
 # runs the same steps with tiny settings on the CPU (evidence: 1-epoch pilot, two arms, a
@@ -47,7 +48,8 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
         --models vit_small_patch16_224)
     evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
-    probe=(--runs-at-once 1 --engine-epochs 1 --models-at-once 1 2 --batch 8 --parts loss step)
+    probe=(--runs-at-once 1 --engine-epochs 1 --models-at-once 1 2 --batch 8)
+    quick_probe=("${probe[@]}")
 else
     device=cuda
     speed=()
@@ -55,6 +57,7 @@ else
     # session replaces 8 with the count the probe's engine_parallel found fastest
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1)
     probe=(--runs-at-once 1 4 8 16)
+    quick_probe=(--runs-at-once 1 6 12 --engine-epochs 5)  # session: ~1 min of its minutes
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
     export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
@@ -158,14 +161,13 @@ session)
     total=${2:?usage: $0 session SECONDS}
     {
         cuda_tests
-        # the evidence's own measurements first (runs at once, the engine's variants), then
-        # the loss table's GPU figures
+        # only what decides how the evidence runs (a step's device time alone and as vmapped
+        # copies; how many runs side by side pay): every other second goes to the evidence,
+        # whose record is itself the measurement of runs side by side (steps, train_time_s)
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
-        timeout 240 $py benchmarks/gpu_probe.py --device $device --parts loss step \
-            engine_parallel models_batched engine_variants "${probe[@]}" \
-            --out "$OUT/gpu_probe.json" 2>&1 \
+        timeout 150 $py benchmarks/gpu_probe.py --device $device --parts step models_batched \
+            engine_parallel "${quick_probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
             | strip | cut -c1-400
-        loss_speed 150
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
     if [ $device = cuda ]; then  # as many runs side by side as gave the most steps per second
@@ -185,19 +187,19 @@ session)
             > /tmp/gpu_util.txt 2>&1 &
         util=$!
     fi
-    (sleep 20; smokes 150 $((start + total - 30)) > "$OUT/smokes.txt" 2>&1) &
-    smoke=$!
     evidence $left
     kill ${util:-} 2>/dev/null
     [ -f /tmp/gpu_util.txt ] && cat /tmp/gpu_util.txt >> "$OUT/evidence.log"
     rm -f "$OUT/evidence_v2.png"
-    wait $smoke 2>/dev/null
-    echo "== smokes"; cat "$OUT/smokes.txt" 2>/dev/null
     echo "== session took $((SECONDS - start)) s"
     ;;
 checks)
     {
         cuda_tests
+        echo "== the full probe (benchmarks/gpu_probe.py)"
+        timeout 300 $py benchmarks/gpu_probe.py --device $device --parts loss step \
+            graphed_step models_batched engine_parallel engine_variants "${probe[@]}" \
+            --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
         loss_speed 420
         smokes 300
     } > "$OUT/checks.txt" 2>&1
