@@ -125,32 +125,10 @@ def test_evaluate_matches_a_numpy_oracle():
     assert metrics["images"] == 37
 
 
-TINY = [
-    "model=se_vit_tiny_patch4_32",
-    "model_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-    "img_size=16",
-    "dataset=cluttered-fashion",
-    "batch_size=10",
-    "epochs=2",
-    "max_steps=3",
-    "num_workers=0",
-]
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    cache = f"data_options={{train_per_class: 2, test_size: 30, cache_dir: {tmp_path / 'data'}}}"
-    return [*TINY, cache]
-
-
 @pytest.mark.slow
-def test_train_then_evaluate_commands(tmp_path, tiny, capsys):
+def test_train_then_evaluate_commands(tmp_path, tiny_sets, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--output", str(run), *_sets(tiny)]) == 0
+    assert main(["train", "--output", str(run), *tiny_sets()]) == 0
     assert "top1" in capsys.readouterr().out
     for name in ("config.yaml", "log.csv", "metrics.json", "model.safetensors", "checkpoints"):
         assert (run / name).exists(), name
@@ -168,7 +146,7 @@ def test_train_then_evaluate_commands(tmp_path, tiny, capsys):
     assert main(["evaluate", str(run), "--checkpoint", str(stem)]) == 0
     assert json.loads((run / "eval.json").read_text())["top1"] == pytest.approx(metrics["top1"])
 
-    assert main(["train", "--output", str(run), *_sets(tiny)]) == 1
+    assert main(["train", "--output", str(run), *tiny_sets()]) == 1
     assert "--resume auto" in capsys.readouterr().err
 
 
@@ -179,14 +157,14 @@ def test_unknown_key_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fine_tuning_starts_from_the_checkpoint(tmp_path, tiny):
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path, tiny_sets):
     source = tmp_path / "source"
-    assert main(["train", "--output", str(source), *_sets(tiny)]) == 0
+    assert main(["train", "--output", str(source), *tiny_sets()]) == 0
     # lr 0 and no weight decay: the fine-tuned weights are the loaded ones (new head aside)
     frozen = ["lr=0", "warmup_lr=0", "min_lr=0", "weight_decay=0", "mixup=0", "cutmix=0"]
     new_task = [f"checkpoint={source / 'model.safetensors'}", "img_size=32", "se.weight=0"]
     target = tmp_path / "target"
-    assert main(["train", "--output", str(target), *_sets([*tiny, *frozen, *new_task])]) == 0
+    assert main(["train", "--output", str(target), *tiny_sets(*frozen, *new_task)]) == 0
     before, after = load_file(source / "model.safetensors"), load_file(target / "model.safetensors")
     assert after["pos_embed"].shape[1] == 1 + 8 * 8 and before["pos_embed"].shape[1] == 1 + 4 * 4
     grid = before["pos_embed"][:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
@@ -199,10 +177,10 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, tiny):
             assert torch.equal(before[key], after[key]), key
 
 
-def test_diverging_run_stops_with_a_clear_error(tmp_path, tiny, capsys):
+def test_diverging_run_stops_with_a_clear_error(tmp_path, tiny_sets, capsys):
     # lr=inf is refused by the config; a finite but absurd one overflows the weights
-    items = [*tiny, "lr=1e30", "warmup_epochs=0", "mixup=0", "cutmix=0"]
-    assert main(["train", "--output", str(tmp_path / "run"), *_sets(items)]) == 1
+    items = ["lr=1e30", "warmup_epochs=0", "mixup=0", "cutmix=0"]
+    assert main(["train", "--output", str(tmp_path / "run"), *tiny_sets(*items)]) == 1
     assert "training loss is nan" in capsys.readouterr().err
 
 

@@ -64,33 +64,12 @@ def _truncate(path: Path) -> None:
 
 # --- the `train` command on a tiny cluttered-fashion run (2 steps per epoch) -----------------
 
-TINY = [
-    "model=se_vit_tiny_patch4_32",
-    "model_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-    "img_size=16",
-    "dataset=cluttered-fashion",
-    "batch_size=10",
-    "epochs=2",
-    "max_steps=3",  # stops in the middle of epoch 1
-    "num_workers=0",
-]
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
 
 @pytest.fixture
-def tiny(tmp_path):
-    cache = f"data_options={{train_per_class: 2, test_size: 30, cache_dir: {tmp_path / 'data'}}}"
-    return [*TINY, cache]
-
-
-@pytest.fixture
-def finished(tmp_path, tiny):
+def finished(tmp_path, tiny_sets):
     """A finished run (3 steps, stopped mid-epoch by max_steps) and its files' hashes."""
     run = tmp_path / "run"
-    assert main(["train", "--output", str(run), *_sets(tiny)]) == 0
+    assert main(["train", "--output", str(run), *tiny_sets()]) == 0
     return run, _hashes(run)
 
 
@@ -140,14 +119,14 @@ def test_a_larger_max_steps_continues_a_finished_run_and_keeps_its_log(finished)
 
 
 @pytest.mark.slow
-def test_a_run_without_checkpoints_is_not_overwritten(finished, tiny, capsys):
+def test_a_run_without_checkpoints_is_not_overwritten(finished, tiny_sets, capsys):
     run, _ = finished
     for path in (run / "checkpoints").iterdir():  # deleted to save disk
         path.unlink()
     (run / "checkpoints").rmdir()
     before = _hashes(run)
     _refused(
-        capsys, ["train", "--output", str(run), *_sets(tiny)], "already holds a run .*--overwrite"
+        capsys, ["train", "--output", str(run), *tiny_sets()], "already holds a run .*--overwrite"
     )
     assert _hashes(run) == before
     # Resuming it: finished, nothing to do; asking for more: refused, it cannot continue.
@@ -159,18 +138,18 @@ def test_a_run_without_checkpoints_is_not_overwritten(finished, tiny, capsys):
 
 
 @pytest.mark.slow
-def test_overwrite_validates_first_then_replaces_the_whole_run(finished, tiny, capsys):
+def test_overwrite_validates_first_then_replaces_the_whole_run(finished, tiny_sets, capsys):
     run, before = finished
     (run / "eval.json").write_text("{}")  # a file of the old run that training never writes
     (run / "notes.txt").write_text("mine")  # not a file of the run
     (run / "checkpoints" / ".step_00000004.pt.abcd1234.tmp").write_bytes(b"")  # killed save
     before = _hashes(run)
     # A start that fails validation (unknown dataset) writes nothing, even with --overwrite.
-    argv = ["train", "--output", str(run), "--overwrite", *_sets([*tiny, "dataset=nope"])]
+    argv = ["train", "--output", str(run), "--overwrite", *tiny_sets("dataset=nope")]
     _refused(capsys, argv, "dataset")
     assert _hashes(run) == before
 
-    assert main(["train", "--output", str(run), "--overwrite", *_sets([*tiny, "max_steps=2"])]) == 0
+    assert main(["train", "--output", str(run), "--overwrite", *tiny_sets("max_steps=2")]) == 0
     assert not (run / "eval.json").exists() and (run / "notes.txt").read_text() == "mine"
     assert [r["step"] for r in _rows(run)] == ["2"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt"]
