@@ -6,7 +6,10 @@ spread uniformly over each patch's pixels and split into three shares on the 2,0
 set: on the object mask, on the distractor fragments' windows (outside the object) and on the
 rest of the scene. Shares are averaged over heads and images; each run's shares sum to 1. The
 areas of the same regions are reported beside them: a share above its area means attention
-concentrates there.
+concentrates there. Per head, also: the foreground the loss sees (the patches whose logit is
+above the map's mean) as a share of the patches, its number of 8-connected regions, and the
+share of patches that hold 60 % of the attention (the Jaccard's mask; large for a diffuse
+head). The table gives the means over heads and the most diffuse head's area and regions.
 
     python benchmarks/attention_mass.py runs/data_efficiency/n50_e50 runs/data_efficiency/n100_e25
 
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from spatial_entropy import AttentionCapture
+from spatial_entropy.entropy import foreground_weights
+from spatial_entropy.evaluation import attention_masks, map_statistics
 from spatial_entropy.runs import load_run
 
 RESULTS = Path(__file__).parent / "results"
@@ -65,6 +70,29 @@ def mass_shares(
     return shares.mean(dim=1)
 
 
+def head_statistics(
+    logits: torch.Tensor, attention: torch.Tensor, grid_shape: tuple[int, int], mass: float = 0.6
+) -> torch.Tensor:
+    """Per head, summed over the images: the share of patches in the loss's foreground (logit
+    above the map's mean), its number of 8-connected regions, and the share of patches that
+    hold ``mass`` of the attention (the Jaccard's mask: large for a diffuse head).
+
+    Args:
+        logits: ``(B, heads, gh * gw)`` [CLS] logits over the patches.
+        attention: ``(B, heads, gh * gw)`` the same maps after the softmax.
+        grid_shape: ``(gh, gw)``.
+
+    Returns:
+        float64 ``(3, heads)``: foreground shares, region counts and mass areas, each summed
+        over ``B``.
+    """
+    foreground, _ = foreground_weights(logits)
+    _, regions = map_statistics(logits, grid_shape)
+    area = attention_masks(attention, grid_shape, mass=mass).double().mean(dim=(-2, -1))
+    sums = [foreground.double().mean(dim=-1), regions.double(), area]
+    return torch.stack([s.sum(0) for s in sums])
+
+
 def distractor_windows(boxes: torch.Tensor, canvas: int, size: int) -> torch.Tensor:
     """``(B, K, 4)`` (x0, y0, x1, y1) canvas boxes -> ``(B, size, size)`` bool union mask."""
     scale = size / canvas
@@ -84,6 +112,7 @@ def run_shares(run_dir: Path, batch_size: int = 250) -> dict:
     boxes = torch.as_tensor(arrays["distractor_boxes"].astype("int64"))
     canvas = dataset.native_size
     totals, areas, seen = torch.zeros(3, dtype=torch.float64), torch.zeros(2), 0
+    heads = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with AttentionCapture(model) as capture:
         for images, _, masks in loader:
@@ -91,6 +120,7 @@ def run_shares(run_dir: Path, batch_size: int = 250) -> dict:
             size = masks.shape[-1]
             windows = distractor_windows(boxes[seen : seen + len(images)], canvas, size)
             totals += mass_shares(capture.attention, capture.grid_shape, masks, windows).sum(0)
+            heads = heads + head_statistics(capture.logits, capture.attention, capture.grid_shape)
             areas += torch.stack(
                 [masks.float().mean(dim=(-2, -1)), (windows & ~masks).float().mean(dim=(-2, -1))],
                 dim=-1,
@@ -107,6 +137,9 @@ def run_shares(run_dir: Path, batch_size: int = 250) -> dict:
         "rest": shares[2],
         "object_area": float(areas[0] / seen),
         "distractor_area": float(areas[1] / seen),
+        "foreground_per_head": (heads[0] / seen).tolist(),
+        "regions_per_head": (heads[1] / seen).tolist(),
+        "mass_area_per_head": (heads[2] / seen).tolist(),
     }
 
 
@@ -116,8 +149,9 @@ def table(results: list[dict]) -> str:
         groups.setdefault((r["n_per_class"], r["arm"]), []).append(r)
     lines = [
         "| n / class | arm | seeds | on object | on distractors | on the rest "
-        "| object area | distractor area |",
-        "|---|---|---|---|---|---|---|---|",
+        "| object area | distractor area | loss foreground | 60 % mass area "
+        "| most diffuse head (regions) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (n, arm), runs in sorted(groups.items()):
         cells = []
@@ -128,9 +162,28 @@ def table(results: list[dict]) -> str:
         area = [statistics.fmean(r[k] for r in runs) for k in ("object_area", "distractor_area")]
         lines.append(
             f"| {n} | {arm} | {len(runs)} | " + " | ".join(cells) + f" | {area[0]:.3f} "
-            f"| {area[1]:.3f} |"
+            f"| {area[1]:.3f} | {_head_cells(runs)} |"
         )
     return "\n".join(lines)
+
+
+def _head_cells(runs: list[dict]) -> str:
+    """The loss's foreground share and the 60 %-mass area, means over heads, and the most
+    diffuse head's (largest mass area, per run) area and regions; means over the runs (blank
+    for records made before these were measured)."""
+    runs = [r for r in runs if "mass_area_per_head" in r]
+    if not runs:
+        return " |  | "
+    foreground, area, widest, regions = [], [], [], []
+    for r in runs:
+        areas = r["mass_area_per_head"]
+        head = max(range(len(areas)), key=areas.__getitem__)
+        foreground.append(statistics.fmean(r["foreground_per_head"]))
+        area.append(statistics.fmean(areas))
+        widest.append(areas[head])
+        regions.append(r["regions_per_head"][head])
+    return (f"{statistics.fmean(foreground):.3f} | {statistics.fmean(area):.3f} | "
+            f"{statistics.fmean(widest):.3f} ({statistics.fmean(regions):.2f})")  # fmt: skip
 
 
 def main() -> None:

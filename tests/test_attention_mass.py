@@ -55,3 +55,31 @@ def test_distractor_windows_scale_boxes(am) -> None:
     assert torch.equal(window, expected)
     # no distractors at all: an empty union
     assert not am.distractor_windows(torch.zeros(2, 0, 4), canvas=4, size=8).any()
+
+
+def test_head_statistics_by_hand(am) -> None:
+    # 3x3 grid, raster order; the foreground is the patches above the map's mean
+    logits = torch.zeros(2, 2, 9)
+    logits[0, 0, [0, 1]] = 1.0  # one blob of two patches
+    logits[0, 1, [0, 8]] = 1.0  # two opposite corners: two regions
+    # image 1, head 0: constant, no foreground, no region
+    logits[1, 1] = 1.0
+    logits[1, 1, 4] = 0.0  # all but the centre: 8 patches around it, one ring
+    # spread: the top five patches are the first to hold 60 % (0.15 + ... + 0.11 = 0.65)
+    spread = torch.tensor([0.15, 0.14, 0.13, 0.12, 0.11, 0.10, 0.09, 0.08, 0.08])
+    attention = spread.expand(2, 2, 9).clone()
+    attention[0, 0] = torch.tensor([0.7, 0.3, 0, 0, 0, 0, 0, 0, 0])  # one patch holds 60 %
+    sums = am.head_statistics(logits, attention, (3, 3))
+    assert sums[0].tolist() == pytest.approx([2 / 9, 2 / 9 + 8 / 9])
+    assert sums[1].tolist() == [1.0, 3.0]
+    assert sums[2].tolist() == pytest.approx([1 / 9 + 5 / 9, 5 / 9 + 5 / 9])
+
+
+def test_table_reports_the_most_diffuse_head(am) -> None:
+    run = {"n_per_class": 50, "arm": "se", "object": 0.2, "distractors": 0.1, "rest": 0.7,
+           "object_area": 0.13, "distractor_area": 0.09, "foreground_per_head": [0.4, 0.6],
+           "mass_area_per_head": [0.1, 0.5], "regions_per_head": [3.0, 1.2]}  # fmt: skip
+    row = am.table([run]).splitlines()[-1]
+    assert row.endswith("| 0.500 | 0.300 | 0.500 (1.20) |")
+    old = {k: v for k, v in run.items() if not k.endswith("_per_head")}  # an older record
+    assert am.table([old]).splitlines()[-1].endswith("| 0.090 |  |  |  |")
