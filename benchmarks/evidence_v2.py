@@ -49,6 +49,7 @@ import csv
 import functools
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -569,7 +570,28 @@ def report(record: dict) -> str:
             scores = selection_scores(record, n, seed)
             listed = ", ".join(f"λ {w:g}: {scores[w]:.1f}" for w in sorted(scores))
             lines.append(f"- n = {n}, seed {seed}: {listed}")
-    return "\n".join(lines)
+    return "\n".join(lines + cost_lines(record))
+
+
+def cost_lines(record: dict) -> list[str]:
+    """Seconds per training step of every recorded run (pilots, selection runs, arms) by
+    device, runs side by side (``execution``; "?" for runs recorded before it was) and model:
+    the median over the runs of ``train_time_s / steps``."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for r in [*record["pilot"].values(), *record.get("selection", []), *record["runs"]]:
+        if not r.get("steps") or "train_time_s" not in r or "device" not in r:
+            continue  # nothing timed
+        jobs = str(r.get("execution", {}).get("jobs", "?"))
+        key = (r["device"], jobs, r.get("model", VIT))
+        groups.setdefault(key, []).append(r["train_time_s"] / r["steps"])
+    if not groups:
+        return []
+    lines = ["", "Seconds per training step (median over runs), by device, runs side by side "
+             "and model:", ""]  # fmt: skip
+    for (device, jobs, model), values in sorted(groups.items()):
+        lines.append(f"- {device}, {jobs} side by side, {model}: "
+                     f"{statistics.median(values):.3f} s ({len(values)} runs)")  # fmt: skip
+    return lines
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -658,8 +680,13 @@ def main() -> None:
             else args.time_budget * 60 - (time.perf_counter() - start)
         )
 
+    speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device}
+    # how the run was executed (its speed, not its result): with train_time_s and steps, the
+    # record measures the seconds per step of that arrangement
+    execution = {"jobs": args.jobs, "threads": args.threads} | speed
+
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
-        record_result(record, args.results, run, result)
+        record_result(record, args.results, run, result | {"execution": execution})
 
     def names(units) -> set[tuple[int, str, int]]:
         return {(size.n_per_class, arm, seed) for size, arm, seed in units}
@@ -675,7 +702,6 @@ def main() -> None:
             (r["n_per_class"], r["seed"]): selection_scores(record, r["n_per_class"], r["seed"])
             for r in record["selection"]
         }
-        speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device}
         run_fn = functools.partial(run_arm, speed=speed, selections=selections)
         execute(
             pilots + runs, args.work_dir, variant=Variant(img_size=IMG_SIZE),

@@ -192,6 +192,9 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     record = json.loads(results.read_text())
     assert record["pilot"]["50"]["epochs"] == 7 and len(record["runs"]) == 4
     assert all(r["epochs"] == 7 for r in record["runs"])  # the pilot's choice, frozen
+    # each run says how it was executed: its seconds per step are read with that
+    execution = {"jobs": 1, "threads": None, "num_workers": 0, "data_on_device": "auto"}
+    assert all(r["execution"] == execution for r in [*record["runs"], record["pilot"]["50"]])
     # a fresh machine (another work dir) with one more seed: only seed 2 is run
     calls.clear()
     monkeypatch.setattr(sys, "argv", ["evidence_v2", *common, "--seeds", "3",
@@ -349,3 +352,22 @@ def test_cpu_and_gpu_runs_go_to_separate_records_by_default(ev, tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["evidence_v2", "--pilot-epochs", "1", "--device", "cpu"])
     with pytest.raises(SystemExit):
         ev.main()
+
+
+def test_cost_lines_by_hand(ev) -> None:
+    def run(device, seconds, steps, jobs=None, model="m"):
+        r = {"device": device, "train_time_s": seconds, "steps": steps, "model": model}
+        return r | ({"execution": {"jobs": jobs}} if jobs else {})
+
+    record = {
+        "pilot": {"50": run("gpu", 100.0, 1000, jobs=8)},
+        "selection": [run("gpu", 60.0, 200, jobs=8)],
+        "runs": [run("gpu", 40.0, 200, jobs=8), run("gpu", 10.0, 200, jobs=2),
+                 run("cpu", 300.0, 200)],
+    }  # fmt: skip
+    assert ev.cost_lines(record)[3:] == [
+        "- cpu, ? side by side, m: 1.500 s (1 runs)",
+        "- gpu, 2 side by side, m: 0.050 s (1 runs)",
+        "- gpu, 8 side by side, m: 0.200 s (3 runs)",  # median of 0.1, 0.3, 0.2
+    ]
+    assert ev.cost_lines({"pilot": {}, "runs": []}) == []
