@@ -412,6 +412,19 @@ def check_recipe(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'sched' {cfg.sched!r}: {error}") from None
 
 
+def initial_model(
+    cfg: TrainConfig, num_classes: int, in_chans: int, device: torch.device
+) -> nn.Module:
+    """The run's model with its initial weights, drawn from ``cfg.seed`` (the same on every
+    rank; DDP also broadcasts rank 0's)."""
+    torch.manual_seed(cfg.seed)
+    return create_model(
+        cfg.model, num_classes=num_classes, img_size=cfg.image_size(), in_chans=in_chans,
+        drop_path_rate=cfg.drop_path, no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint,
+        **cfg.model_kwargs,
+    ).to(device)  # fmt: skip
+
+
 def build_training_run(
     cfg: TrainConfig,
     info: DistributedInfo,
@@ -430,13 +443,7 @@ def build_training_run(
     """
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's).
-    torch.manual_seed(cfg.seed)
-    model = create_model(
-        cfg.model, num_classes=num_classes, img_size=cfg.image_size(), in_chans=in_chans,
-        drop_path_rate=cfg.drop_path, no_last_skip=cfg.no_last_skip, checkpoint=cfg.checkpoint,
-        **cfg.model_kwargs,
-    ).to(info.device)  # fmt: skip
+    model = initial_model(cfg, num_classes, in_chans, info.device)
     weights, state = resumed if resumed is not None else (None, TrainState())
     if weights is not None:
         model.load_state_dict(weights)

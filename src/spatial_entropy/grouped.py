@@ -1,0 +1,462 @@
+"""Several runs of one model trained as one step: their parameters stacked, the model vmapped.
+
+Runs that differ only in their regularisers' weights (the arms of one seed and size in a
+benchmark: no regulariser, spatial entropy, DRLoc, both; or one λ against another) train the
+same model on the same batches from the same initial weights. :func:`train_group` trains them
+together: each parameter of the K runs is one stacked ``(K, ...)`` tensor, the model runs on the
+shared batch once per copy through ``torch.func.vmap``, and one optimiser updates the stacked
+tensors. Every kernel of a step then works for all K copies. On a GPU a step of a small ViT is
+hundreds of kernels that take microseconds each. K copies in one kernel cost little more than
+one, whereas K processes on one GPU take turns.
+
+Each copy is written as a run of its own (``config.yaml``, ``log.csv``, ``model.safetensors``,
+``metrics.json``, with ``metrics["group"]`` saying it was trained as a copy), which
+:func:`~spatial_entropy.evaluation.evaluate_run`, the CLI's ``attention`` and ``train --resume``
+(it reports the run finished) read like any run.
+
+What a copy shares with the same config trained alone by :func:`~spatial_entropy.engine.train`:
+initial weights (and DRLoc head), data order and augmentation, drop-path draws (vmap's
+``randomness="same"``: one draw per step, the draw a run alone makes), DRLoc's position pairs,
+the optimiser's update (element-wise on the stacked tensors; only element-wise optimisers are
+accepted) and schedule. What differs is rounding: batched matrix products, and the attention
+computed explicitly rather than by the fused kernel (vmap has no batching rule for it on
+CPU). So a copy is close to the run alone, not bit-equal (tested against the engine).
+
+Not supported, refused in one line: configs that differ in anything but ``se.*`` and
+``drloc.*``; torchrun; EMA; gradient clipping; layer decay; fp16 (bf16 and float32 are fine);
+``compile``; optimisers that are not element-wise. A group writes no checkpoints: its files
+appear when it ends, so a killed group leaves no run behind and starts again.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.utils import random_seed
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.checkpoint import save_weights
+from spatial_entropy.config import TrainConfig, config_changes, save_config
+from spatial_entropy.distributed import DistributedInfo, resolve_device
+from spatial_entropy.drloc import drloc_loss, sample_position_pairs
+from spatial_entropy.engine import (
+    RunLog,
+    _criterion,
+    _evaluate_for_log,
+    _has_cls_attention,
+    _prefixed,
+    _scheduler,
+    autocast_dtype,
+    build_datasets,
+    build_loaders,
+    build_regularizers,
+    check_recipe,
+    initial_model,
+)
+from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.regularizers import DRLocRegularizer, SpatialEntropyRegularizer
+from spatial_entropy.runs import RunPaths, write_json
+
+__all__ = ["train_group", "check_group", "GROUP_KEYS"]
+
+GROUP_KEYS = ("se.", "drloc.")
+"""Prefixes of the config keys in which the runs of a group may differ."""
+
+ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+"""Optimisers whose update of a stacked tensor is each copy's own update."""
+
+
+def check_group(configs: Sequence[TrainConfig]) -> None:
+    """Refuse, in one line and before anything is built, configs that cannot train as a group.
+
+    Raises:
+        ValueError: no config; two configs that differ outside :data:`GROUP_KEYS`; a feature
+            that groups do not support (EMA, clip_grad, layer_decay, fp16, compile, torchrun).
+    """
+    if not configs:
+        raise ValueError("a group needs at least one config")
+    first = configs[0]
+    for i, other in enumerate(configs[1:], start=1):
+        fixed = [k for k in config_changes(first, other) if not k.startswith(GROUP_KEYS)]
+        if fixed:
+            raise ValueError(
+                f"the runs of a group may differ only in se.* and drloc.*; config {i} differs "
+                f"from config 0 in {', '.join(fixed)}"
+            )
+    unsupported = {
+        "model_ema": first.model_ema, "clip_grad": first.clip_grad is not None,
+        "layer_decay": first.layer_decay is not None, "amp=fp16": first.amp == "fp16",
+        "compile": first.compile,
+    }  # fmt: skip
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(f"a group does not support {', '.join(refused)}; train these runs alone")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("a group trains in one process; run it without torchrun")
+
+
+@dataclass
+class _Copy:
+    """One run of the group: its config, its model (for evaluation and saving), its
+    regularisers' settings, DRLoc's sampling stream and head, and its epoch sums and log."""
+
+    config: TrainConfig
+    paths: RunPaths
+    model: nn.Module
+    se: SpatialEntropyRegularizer | None
+    drloc: DRLocRegularizer | None
+    generator: torch.Generator | None = None
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+class _LogitsAndTokens(nn.Module):
+    """The ViT's logits and its final-norm tokens (DRLoc's input) from one forward pass."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.vit.forward_features(images)
+        return self.vit.forward_head(tokens), tokens
+
+
+def _stack(modules: Sequence[nn.Module], prefix: str = "") -> dict[str, Tensor]:
+    """``{prefix + name: (K, ...) leaf}`` of the modules' parameters, stacked."""
+    names = [name for name, _ in modules[0].named_parameters()]
+    return {
+        prefix + name: torch.stack([m.get_parameter(name).detach() for m in modules])
+        .clone()
+        .requires_grad_()
+        for name in names
+    }
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A parameter-free copy of ``module`` (on the meta device) for ``functional_call``, with
+    explicit attention (vmap batches it on every device)."""
+    skeleton = copy.deepcopy(module).to("meta")
+    for sub in skeleton.modules():
+        if hasattr(sub, "fused_attn"):
+            sub.fused_attn = False
+    return skeleton
+
+
+def _optimizer(
+    cfg: TrainConfig, copies: list[_Copy], stacked: dict[str, Tensor]
+) -> torch.optim.Optimizer:
+    """The optimiser that the engine builds for copy 0 (timm's groups: weight decay on weights,
+    not on biases, norms and the model's ``no_weight_decay``; the DRLoc head's groups after
+    them), over the stacked tensors instead of copy 0's parameters.
+
+    Raises:
+        ValueError: the optimiser is not element-wise (LAMB, LARS... scale by a tensor's norm,
+            which a stacked tensor would mix between copies).
+    """
+    first = copies[0]
+    names = {id(p): name for name, p in first.model.named_parameters()}
+    optimizer = create_optimizer_v2(
+        first.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+        raise ValueError(
+            f"opt {cfg.opt!r} ({type(optimizer).__name__}) is not element-wise; a group "
+            "supports " + ", ".join(t.__name__ for t in ELEMENTWISE_OPTIMIZERS)
+        )
+    groups = [
+        {**group, "params": [stacked[names[id(p)]] for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    grouped = type(optimizer)(groups, **defaults)
+    heads = [c.drloc.module for c in copies if c.drloc is not None]
+    if heads:  # the heads' groups, as the engine adds them for a run alone
+        head_names = {id(p): name for name, p in heads[0].named_parameters()}
+        for group in param_groups_weight_decay(heads[0], cfg.weight_decay):
+            params = [stacked["drloc." + head_names[id(p)]] for p in group["params"]]
+            grouped.add_param_group({**group, "params": params})
+    return grouped
+
+
+class _Group:
+    """The stacked state of the copies and the vmapped step."""
+
+    def __init__(self, copies: list[_Copy], num_classes: int, steps_per_epoch: int) -> None:
+        self.copies = copies
+        cfg = copies[0].config
+        self.device = next(copies[0].model.parameters()).device
+        self.params = _stack([c.model for c in copies], prefix="vit.")
+        self.buffers = {
+            "vit." + name: torch.stack([c.model.get_buffer(name) for c in copies])
+            for name, _ in copies[0].model.named_buffers()
+        }
+        self.skeleton = _LogitsAndTokens(_skeleton(copies[0].model)).train()
+        with_cls = _has_cls_attention(copies[0].model)
+        self.capture = AttentionCapture(self.skeleton.vit) if with_cls else None
+        self.with_se = [i for i, c in enumerate(copies) if c.se is not None]
+        self.with_drloc = [i for i, c in enumerate(copies) if c.drloc is not None]
+        heads = [copies[i].drloc.module for i in self.with_drloc]
+        self.head_params = _stack(heads) if heads else {}
+        self.head_skeleton = _skeleton(heads[0]) if heads else None
+        stacked = {k.removeprefix("vit."): v for k, v in self.params.items()}
+        stacked |= {"drloc." + k: v for k, v in self.head_params.items()}
+        self.optimizer = _optimizer(cfg, copies, stacked)
+        self.scheduler = _scheduler(cfg, self.optimizer, steps_per_epoch)
+        self.criterion, self.mixup = _criterion(cfg, num_classes)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.step = 0
+        for c in copies:
+            if c.drloc is not None:
+                c.generator = torch.Generator(device=self.device).manual_seed(c.drloc.seed)
+
+    def _forward(self, params: dict, buffers: dict, images: Tensor):
+        logits, tokens = functional_call(self.skeleton, (params, buffers), (images,))
+        scores = self.capture.logits if self.capture is not None else logits.new_zeros(())
+        return logits, tokens, scores
+
+    def train_step(self, images: Tensor, targets: Tensor, epoch: int, batch: int, spe: int):
+        """One optimiser step of every copy on the shared batch; each copy's statistics are
+        added to its epoch sums."""
+        copies = self.copies
+        se_weights = []
+        for i in self.with_se:
+            c = copies[i]
+            t = epoch + batch / spe if c.config.se.per_step else float(epoch)
+            c.se.set_progress(t, c.config.epochs)
+            se_weights.append(c.se.current_weight)
+        grid = tuple(self.skeleton.vit.patch_embed.dynamic_feat_size(images.shape[-2:]))
+        enabled = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
+            forward = vmap(self._forward, in_dims=(0, 0, None), randomness="same")
+            logits, tokens, scores = forward(self.params, self.buffers, images)
+            task = vmap(self.criterion, in_dims=(0, None))(logits, targets)
+            total = task.sum()
+            stats: dict[int, dict[str, Tensor]] = {i: {"loss": task[i].detach()} for i in
+                                                   range(len(copies))}  # fmt: skip
+            if self.with_se:
+                total = total + self._se_term(scores, grid, se_weights, stats)
+            if self.with_drloc:
+                total = total + self._drloc_term(tokens, grid, stats)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        for i, c in enumerate(copies):
+            stats[i]["batches"] = torch.ones((), device=self.device)
+            for key, value in stats[i].items():
+                c.sums[key] = c.sums.get(key, 0.0) + value.double()
+
+    def _se_term(
+        self, scores: Tensor, grid: tuple[int, int], weights: list[float], stats: dict
+    ) -> Tensor:
+        """``sum_k λ_k SE_k`` over the copies with spatial entropy (the SE of all their maps in
+        one call); without a graph while every λ is 0, as the regulariser does alone."""
+        maps = scores[torch.tensor(self.with_se, device=self.device)]  # (Ks, B, heads, N)
+        with torch.set_grad_enabled(any(w > 0 for w in weights)):
+            values = spatial_entropy(maps.flatten(0, 1), grid).reshape(len(maps), -1).mean(1)
+        for j, i in enumerate(self.with_se):
+            stats[i]["se"] = values[j].detach()
+        if not values.requires_grad:
+            return values.new_zeros(())
+        return (torch.tensor(weights, device=self.device) * values).sum()
+
+    def _drloc_term(self, tokens: Tensor, grid: tuple[int, int], stats: dict) -> Tensor:
+        """``sum_k w_k DRLoc_k`` over the copies with DRLoc, each with its own head and pairs."""
+        copies = [self.copies[i] for i in self.with_drloc]
+        index = torch.tensor(self.with_drloc, device=self.device)
+        prefix = self.skeleton.vit.num_prefix_tokens
+        patch_tokens = tokens[index][:, :, prefix:]  # (Kd, B, N, D)
+        batch = patch_tokens.shape[1]
+        positions = torch.stack([
+            sample_position_pairs(batch, grid, c.drloc.pairs, c.generator) for c in copies
+        ])  # fmt: skip
+
+        def loss(head_params: dict, tokens: Tensor, pairs: Tensor) -> Tensor:
+            def head(x: Tensor) -> Tensor:
+                return functional_call(self.head_skeleton, head_params, (x,))
+
+            return drloc_loss(tokens, grid, head, pairs)
+
+        values = vmap(loss)(self.head_params, patch_tokens, positions)
+        weights = torch.tensor([c.drloc.weight for c in copies], device=self.device)
+        for j, i in enumerate(self.with_drloc):
+            stats[i]["drloc"] = values[j].detach()
+        return (weights * values).sum()
+
+    def load_copy(self, i: int) -> nn.Module:
+        """Copy ``i``'s current weights into its model; returns the model."""
+        c = self.copies[i]
+        with torch.no_grad():
+            for name, p in c.model.named_parameters():
+                p.copy_(self.params["vit." + name][i])
+        return c.model
+
+
+def _build_copy(
+    cfg: TrainConfig, run_dir: Path, num_classes: int, in_chans: int, device: torch.device
+) -> _Copy:
+    """The copy's model and DRLoc head, drawn as :func:`~spatial_entropy.engine.train` draws
+    them (the seed, the model, then the head from the global stream)."""
+    model = initial_model(cfg, num_classes, in_chans, device)
+    se = drloc = None
+    for reg in build_regularizers(cfg):
+        reg.attach(model)
+        reg.remove()  # the copy's model is only evaluated; the group reads its own skeleton
+        if isinstance(reg, SpatialEntropyRegularizer):
+            se = reg
+        else:
+            drloc = reg
+    return _Copy(cfg, RunPaths(run_dir), model, se, drloc)
+
+
+def train_group(
+    configs: Sequence[TrainConfig],
+    run_dirs: Sequence[str | Path],
+    *,
+    overwrite: bool = False,
+    datasets: tuple[Dataset, Dataset] | None = None,
+) -> list[dict[str, Any]]:
+    """Train the runs ``configs`` as one group (see the module) and write run ``k`` to
+    ``run_dirs[k]``; return each run's final metrics (``metrics.json``).
+
+    ``datasets`` replaces ``(train, val)`` built from the first config, as in
+    :func:`~spatial_entropy.engine.train`. The run directories are written when the group
+    ends; a directory that already holds a run is refused unless ``overwrite``.
+
+    Raises:
+        ValueError: see :func:`check_group`; ``run_dirs`` not one per config, or repeated.
+        FileExistsError: a run directory holds a run, and not ``overwrite``.
+        FloatingPointError: a copy's training or validation loss is not finite.
+    """
+    configs = list(configs)
+    check_group(configs)
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) != len(configs) or len({d.resolve() for d in dirs}) != len(dirs):
+        raise ValueError(f"a group needs one distinct run directory per config, got {dirs}")
+    for path in dirs:
+        if RunPaths(path).run_files() and not overwrite:
+            raise FileExistsError(f"{path} already holds a run; pass overwrite to replace it")
+    cfg = configs[0]
+    check_recipe(cfg)
+    info = DistributedInfo(device=resolve_device(cfg.device))
+    train_set, val_set = datasets if datasets is not None else build_datasets(cfg, info)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, info)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    copies = [
+        _build_copy(c, d, train_set.num_classes, train_set.in_chans, info.device)
+        for c, d in zip(configs, dirs, strict=True)
+    ]
+    group = _Group(copies, train_set.num_classes, steps_per_epoch)
+    random_seed(cfg.seed, 0)  # the training streams of a run alone, after its initial weights
+    clock = time.perf_counter()
+    progress = tqdm(total=total_steps, desc=f"{len(copies)} runs as one", dynamic_ncols=True)
+    train_stats: list[dict[str, float]] = []
+    vals: list[dict[str, float] | None] = [None] * len(copies)
+    for epoch in range(cfg.epochs):
+        if group.step >= total_steps:
+            break
+        train_loader.sampler.set_position(epoch, 0)
+        start, batches = time.perf_counter(), 0
+        for c in copies:
+            c.sums = {}
+        for batch, (images, targets) in enumerate(train_loader):
+            images = images.to(info.device, non_blocking=True)
+            targets = targets.to(info.device, non_blocking=True)
+            if group.mixup is not None:
+                images, targets = group.mixup(images, targets)
+            group.train_step(images, targets, epoch, batch, steps_per_epoch)
+            batches += 1
+            progress.update()
+            if group.step >= total_steps:
+                break
+        elapsed = time.perf_counter() - start
+        train_stats = [_epoch_stats(group, c, epoch, batches, elapsed) for c in copies]
+        done = group.step >= total_steps or epoch + 1 == cfg.epochs
+        evaluate_now = done or (epoch + 1) % cfg.eval_every == 0
+        for i, c in enumerate(copies):
+            vals[i] = _evaluate(group, i, val_loader) if evaluate_now else None
+            if vals[i] is not None and vals[i]["top1"] > c.best.get("top1", -1.0):
+                c.best = {"top1": vals[i]["top1"], "epoch": epoch, "step": group.step}
+            c.rows.append({"epoch": epoch, "step": group.step, **train_stats[i],
+                           **_prefixed(vals[i], "val_")})  # fmt: skip
+    progress.close()
+    elapsed = time.perf_counter() - clock
+    return [
+        _write_run(group, i, vals[i] or _evaluate(group, i, val_loader), train_stats[i], elapsed)
+        for i in range(len(copies))
+    ]
+
+
+def _epoch_stats(
+    group: _Group, c: _Copy, epoch: int, batches: int, elapsed: float
+) -> dict[str, float]:
+    """The epoch's log columns as the engine writes them for a run alone."""
+    sums = {k: float(v) for k, v in sorted(c.sums.items())}
+    count = max(sums.pop("batches", 0.0), 1.0)
+    stats = {f"train_{k}": v / count for k, v in sums.items()}
+    if not torch.isfinite(torch.tensor(stats["train_loss"])):
+        raise FloatingPointError(
+            f"{c.paths.root}: training loss is {stats['train_loss']} in epoch {epoch} (step "
+            f"{group.step}); lower lr or amp=off"
+        )
+    if c.se is not None:
+        stats["se_weight"] = c.se.current_weight
+    stats["lr"] = group.optimizer.param_groups[0]["lr"]
+    stats["images_per_s"] = batches * c.config.batch_size / max(elapsed, 1e-9)
+    stats["epoch_time_s"] = elapsed
+    return stats
+
+
+def _evaluate(group: _Group, i: int, loader) -> dict[str, float]:
+    model = group.load_copy(i)
+    attention = group.capture is not None
+    metrics = _evaluate_for_log(model, loader, group.device, group.amp_dtype, attention)
+    if not torch.isfinite(torch.tensor(metrics["loss"])):
+        raise FloatingPointError(
+            f"{group.copies[i].paths.root}: validation loss is {metrics['loss']} at step "
+            f"{group.step}; lower lr or amp=off"
+        )
+    return metrics
+
+
+def _write_run(
+    group: _Group, i: int, val: dict[str, float], train_stats: dict[str, float], elapsed: float
+) -> dict[str, Any]:
+    """Write copy ``i`` as a finished run (no checkpoint); its ``metrics.json``."""
+    c = group.copies[i]
+    paths = c.paths
+    paths.remove_run()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(c.config, paths.config)
+    log = RunLog(paths.root, True, 0)
+    for row in c.rows:
+        log.append(row)
+    log.close()
+    save_weights(group.load_copy(i), paths.weights)
+    metrics = {
+        **val, "best_top1": c.best.get("top1"), "best_epoch": c.best.get("epoch"),
+        "steps": group.step, "epochs": c.config.epochs, "train_time_s": elapsed,
+        **{k: v for k, v in train_stats.items() if k.startswith("train_") or k == "images_per_s"},
+        "group": {"copies": len(group.copies), "index": i},
+    }  # fmt: skip
+    write_json(paths.metrics, metrics)
+    return metrics

@@ -1,0 +1,98 @@
+"""Runs trained as one vmapped group (spatial_entropy.grouped) against the same runs trained
+alone by the engine: the oracle is the engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from spatial_entropy.checkpoint import load_weights
+from spatial_entropy.config import load_config
+from spatial_entropy.engine import train
+from spatial_entropy.grouped import check_group, train_group
+
+SE_ON = {"weight": 0.5, "schedule": "constant"}
+DRLOC_ON = {"weight": 0.7, "pairs": 8, "hidden": 16}
+# λ 0 in the first epoch (computed without a graph), then rising (per epoch here)
+SE_WARMUP = {"weight": 0.5, "warmup_epochs": 1.0, "per_step": False}
+ARMS = {
+    "baseline": {"se": {"weight": 0.0}},
+    "se": {"se": SE_WARMUP},
+    "drloc": {"se": {"weight": 0.0}, "drloc": DRLOC_ON},
+    "se_drloc": {"se": SE_ON, "drloc": DRLOC_ON},
+}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """A two-block ViT on a few cluttered-fashion scenes, 3 epochs of 2 steps, evaluated after
+    epochs 2 and 3, drop path on. SGD: its update is linear in the gradient, so the rounding
+    of the batched products stays at rounding size (Adam's normalised step can turn a
+    near-zero gradient's rounding into a full step of lr)."""
+    cache = str(tmp_path / "data")
+    return {
+        "model": "se_vit_tiny_patch4_32", "img_size": 16, "dataset": "cluttered-fashion",
+        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+        "batch_size": 10, "epochs": 3, "eval_every": 2, "num_workers": 0, "drop_path": 0.1,
+        "smoothing": 0.1, "opt": "sgd", "lr": 0.05, "weight_decay": 0.05,
+        "mixup": 0.0, "cutmix": 0.0, "auto_augment": None, "reprob": 0.0,
+        "data_options": {"train_per_class": 2, "test_size": 30, "cache_dir": cache},
+    }  # fmt: skip
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_each_copy_is_the_run_trained_alone(recipe, tmp_path):
+    configs = {arm: load_config(values=recipe | keys) for arm, keys in ARMS.items()}
+    grouped = train_group(list(configs.values()), [tmp_path / "g" / arm for arm in ARMS])
+    for (arm, config), metrics in zip(configs.items(), grouped, strict=True):
+        alone = train(config, tmp_path / "alone" / arm)
+        ours = load_weights(tmp_path / "g" / arm / "model.safetensors")
+        theirs = load_weights(tmp_path / "alone" / arm / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0, msg=arm + key)
+        assert metrics["top1"] == alone["top1"] and metrics["steps"] == alone["steps"] == 6
+        assert metrics["group"] == {"copies": 4, "index": list(ARMS).index(arm)}
+        for key in ("train_loss", "train_se", "train_drloc", "loss", "se_mean"):
+            assert (key in metrics) == (key in alone), (arm, key)
+            if key in alone:
+                assert metrics[key] == pytest.approx(alone[key], rel=1e-5), (arm, key)
+        ours_log = _rows(tmp_path / "g" / arm / "log.csv")
+        theirs_log = _rows(tmp_path / "alone" / arm / "log.csv")
+        assert [list(r) for r in ours_log] == [list(r) for r in theirs_log]
+        for mine, other in zip(ours_log, theirs_log, strict=True):
+            for column in ("epoch", "step", "lr", "se_weight", "val_top1"):
+                assert mine.get(column) == other.get(column), (arm, column)
+
+
+def test_a_group_run_reads_as_finished(recipe, tmp_path):
+    config = load_config(values=recipe | ARMS["se"] | {"epochs": 1})
+    [metrics] = train_group([config], [tmp_path / "run"])
+    again = train(config, tmp_path / "run", resume=True)  # no checkpoint: finished, not retrained
+    assert again == json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_refusals_leave_runs_as_they_were(recipe, tmp_path):
+    base = load_config(values=recipe)
+    with pytest.raises(ValueError, match="differs from config 0 in lr"):
+        check_group([base, load_config(values=recipe | {"lr": 0.1})])
+    with pytest.raises(ValueError, match="model_ema"):
+        check_group([load_config(values=recipe | {"model_ema": True})])
+    with pytest.raises(ValueError, match="one distinct run directory per config"):
+        train_group([base, base], [tmp_path / "a", tmp_path / "a"])
+    one_epoch = load_config(values=recipe | {"epochs": 1})
+    train_group([one_epoch], [tmp_path / "kept"])
+    before = (tmp_path / "kept" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_group([one_epoch], [tmp_path / "kept"])
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="not element-wise"):
+        train_group([load_config(values=recipe | {"opt": "lamb"})], [tmp_path / "lamb"])
+    assert not (tmp_path / "lamb").exists()
