@@ -422,7 +422,8 @@ def execute(
     ``time_budget_s``. Returns how many runs were left unstarted.
 
     ``run_fn(size, arm, seed, work_dir, variant, device)`` (default `run_one`; a module-level
-    function, for the worker processes) does one run; ``order`` sorts the runs (default: size,
+    function, for the worker processes) does one run (or several: a list of results, each
+    reported with its own ``arm``); ``order`` sorts the runs (default: size,
     then seed, then the arms' order in ARMS); ``on_result(run, result)`` is called in this
     process as each run finishes (e.g. to record it). A run that raises is reported in one line
     and left unrecorded; the others go on (a later invocation tries it again)."""
@@ -439,8 +440,13 @@ def execute(
     total = len(queue)
     done = 0
 
-    def report(run: tuple[Size, str, int], result: dict, seconds: float) -> None:
-        nonlocal done
+    def report(run: tuple[Size, str, int], result: dict | list[dict], seconds: float) -> None:
+        nonlocal done, total
+        if isinstance(result, list):  # a unit that trained several runs: one line each
+            total += len(result) - 1
+            for one in result:
+                report((run[0], one["arm"], run[2]), one, seconds)
+            return
         done += 1
         size, arm, seed = run
         # a model without a [CLS] attention capture (ConViT) has no attention statistics

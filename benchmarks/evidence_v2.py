@@ -77,6 +77,7 @@ from spatial_entropy.data.subsets import ClassSubset, stratified_indices  # noqa
 from spatial_entropy.distributed import DistributedInfo  # noqa: E402
 from spatial_entropy.engine import evaluate, train  # noqa: E402
 from spatial_entropy.evaluation import evaluate_run, load_run  # noqa: E402
+from spatial_entropy.grouped import train_group  # noqa: E402
 from spatial_entropy.loader import build_eval_loader, build_train_loader  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "evidence_v2.json"
@@ -208,19 +209,95 @@ def train_selection(
     never built here. Recorded on its own (``record["selection"]``), so a later session
     needs only the selection runs it lacks."""
     config = config_for(size, "se_val", seed, device, weight, speed)
-    run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / "se_val_select"
-    run_dir = run_dir / f"lambda{weight:g}" / f"seed{seed}"
-    datasets = (
-        training_images(config, augmented=True, part="fit"),
-        training_images(config, augmented=False, part="val"),
-    )
-    metrics = _train(config, run_dir, datasets)
+    run_dir = run_dir_of(size, selection_arm(weight), seed, work_dir)
+    metrics = _train(config, run_dir, selection_datasets(config))
     return {
         "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": selection_arm(weight),
         "seed": seed, "lambda": weight, "top1": metrics["top1"], "split": "validation (carved)",
         "steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
-        "device": device_name(device),
+        "device": device_name(device), **_grouped(metrics),
     }  # fmt: skip
+
+
+def _grouped(metrics: dict) -> dict:
+    """``{"group": {"copies": K, "index": i}}`` for a run trained as a copy of a group (its
+    ``train_time_s`` is the group's), else nothing."""
+    return {"group": metrics["group"]} if "group" in metrics else {}
+
+
+def selection_datasets(config):
+    """(fit, validation): the images of ``se_val``'s selection runs, carved from the run's
+    training images (`carve`)."""
+    return (
+        training_images(config, augmented=True, part="fit"),
+        training_images(config, augmented=False, part="val"),
+    )
+
+
+def run_dir_of(size: Size, arm: str, seed: int, work_dir: Path) -> Path:
+    """Where a run of the protocol trains (``se_val@λ``: under se_val_select)."""
+    root = work_dir / f"n{size.n_per_class}_e{size.epochs}"
+    if arm.startswith(SELECTION):
+        weight = float(arm.removeprefix(SELECTION))
+        return root / "se_val_select" / f"lambda{weight:g}" / f"seed{seed}"
+    return root / arm / f"seed{seed}"
+
+
+# -- runs trained as one step (--group) --------------------------------------------------------
+
+GROUPS = (
+    ("baseline", "se", "drloc", "se_drloc"),
+    tuple(selection_arm(w) for w in VAL_LAMBDAS),
+)
+"""Runs of one seed and size that differ only in their regularisers' weights: with
+``--group`` the pending ones of each train as one vmapped step (spatial_entropy.grouped),
+each then evaluated and recorded as a run of its own. The others (another model, no last
+skip, ``se_val``'s final run, which waits for its selection) train alone."""
+GROUP = "group:"
+"""Prefix of a unit of `execute` that trains several runs as one: ``group:baseline+se``."""
+
+
+def group_units(runs: list[tuple[Size, str, int]]) -> list[tuple[Size, str, int]]:
+    """``runs`` with the members of each of `GROUPS` at one (size, seed) merged into one
+    ``group:`` unit (two members at least), at the place of its first member."""
+    units, merged = [], set()
+    for size, arm, seed in runs:
+        group = next((g for g in GROUPS if arm in g), None)
+        if group is None:
+            units.append((size, arm, seed))
+            continue
+        key = (size.n_per_class, group, seed)
+        if key in merged:
+            continue
+        members = [a for s, a, k in runs if a in group and (s.n_per_class, k) == key[::2]]
+        merged.add(key)
+        arm = GROUP + "+".join(members) if len(members) > 1 else arm
+        units.append((size, arm, seed))
+    return units
+
+
+def train_as_group(
+    size: Size, unit: str, seed: int, work_dir: Path, device: str, speed: dict | None
+) -> None:
+    """Train the members of a ``group:`` unit as one group, but not those already finished
+    and not those with a checkpoint (a run begun alone resumes alone: nothing is lost)."""
+    members = unit.removeprefix(GROUP).split("+")
+    configs, dirs = [], []
+    for arm in members:
+        run_dir = run_dir_of(size, arm, seed, work_dir)
+        if _metrics(run_dir) is not None or (run_dir / "checkpoints").is_dir():
+            continue
+        if arm.startswith(SELECTION):
+            weight = float(arm.removeprefix(SELECTION))
+            configs.append(config_for(size, "se_val", seed, device, weight, speed))
+        else:
+            configs.append(config_for(size, arm, seed, device, speed=speed))
+        dirs.append(run_dir)
+    if not configs:
+        return
+    # a selection group trains on the carved images, the other on the run's training images
+    datasets = selection_datasets(configs[0]) if members[0].startswith(SELECTION) else None
+    train_group(configs, dirs, overwrite=True, datasets=datasets)
 
 
 def select_lambda(scores: dict[float, float]) -> dict:
@@ -256,10 +333,15 @@ def run_arm(
     ``speed``: config keys that change only the speed (`config_for`)."""
     if arm == "pilot":
         return run_pilot(size, work_dir, device, speed)
+    if arm.startswith(GROUP):  # trained together, then each evaluated and recorded alone
+        train_as_group(size, arm, seed, work_dir, device, speed)
+        members = arm.removeprefix(GROUP).split("+")
+        return [run_arm(size, a, seed, work_dir, variant, device, speed, selections)
+                for a in members]  # fmt: skip
     if arm.startswith(SELECTION):
         weight = float(arm.removeprefix(SELECTION))
         return train_selection(size, seed, weight, work_dir, device, speed)
-    run_dir = work_dir / f"n{size.n_per_class}_e{size.epochs}" / arm / f"seed{seed}"
+    run_dir = run_dir_of(size, arm, seed, work_dir)
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -274,7 +356,8 @@ def run_arm(
         "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": arm, "seed": seed,
         "model": config.model, "se_weight": config.se.weight, **selection,
         "steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
-        "device": device_name(device), "top1": metrics["top1"], "train_top1": train_top1,
+        "device": device_name(device), **_grouped(metrics), "top1": metrics["top1"],
+        "train_top1": train_top1,
         "gap": train_top1 - metrics["top1"],
         **{k: attention.get(k) for k in
            ("jaccard", "se_mean", "regions_mean", "single_region_share")},
@@ -463,7 +546,8 @@ def seed_order(arm_names: list[str]):
     rank = {arm: i for i, arm in enumerate(arm_names)}
 
     def key(run: tuple[Size, str, int]) -> tuple:
-        arm = "se_val" if run[1].startswith(SELECTION) else run[1]
+        arm = run[1].removeprefix(GROUP).split("+")[0]  # a group goes where its first member
+        arm = "se_val" if arm.startswith(SELECTION) else arm
         return run[1] != "pilot", run[2], run[0].n_per_class, rank.get(arm, -1), run[1]
 
     return key
@@ -575,21 +659,24 @@ def report(record: dict) -> str:
 
 def cost_lines(record: dict) -> list[str]:
     """Seconds per training step of every recorded run (pilots, selection runs, arms) by
-    device, runs side by side (``execution``; "?" for runs recorded before it was) and model:
-    the median over the runs of ``train_time_s / steps``."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
+    device, runs side by side (``execution``; "?" for runs recorded before it was), runs
+    trained as one step (``group``: the group's time is shared by its K copies, so a copy's
+    step costs ``train_time_s / steps / K``) and model: the median over the runs."""
+    groups: dict[tuple[str, str, int, str], list[float]] = {}
     for r in [*record["pilot"].values(), *record.get("selection", []), *record["runs"]]:
         if not r.get("steps") or "train_time_s" not in r or "device" not in r:
             continue  # nothing timed
         jobs = str(r.get("execution", {}).get("jobs", "?"))
-        key = (r["device"], jobs, r.get("model", VIT))
-        groups.setdefault(key, []).append(r["train_time_s"] / r["steps"])
+        copies = r.get("group", {}).get("copies", 1)
+        key = (r["device"], jobs, copies, r.get("model", VIT))
+        groups.setdefault(key, []).append(r["train_time_s"] / r["steps"] / copies)
     if not groups:
         return []
-    lines = ["", "Seconds per training step (median over runs), by device, runs side by side "
-             "and model:", ""]  # fmt: skip
-    for (device, jobs, model), values in sorted(groups.items()):
-        lines.append(f"- {device}, {jobs} side by side, {model}: "
+    lines = ["", "Seconds per training step of one run (median over runs), by device, runs "
+             "side by side, runs trained as one step and model:", ""]  # fmt: skip
+    for (device, jobs, copies, model), values in sorted(groups.items()):
+        together = f", {copies} as one step" if copies > 1 else ""
+        lines.append(f"- {device}, {jobs} side by side{together}, {model}: "
                      f"{statistics.median(values):.3f} s ({len(values)} runs)")  # fmt: skip
     return lines
 
@@ -649,6 +736,9 @@ def main() -> None:
         help="the config key of that name (speed only, the same batches): off = DataLoaders",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--group", action="store_true",
+                        help="train the runs of a seed and size that differ only in their "
+                        "regularisers as one vmapped step (GROUPS; speed on a GPU)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
     parser.add_argument("--pilot-epochs", type=int, default=None,
@@ -683,7 +773,7 @@ def main() -> None:
     speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device}
     # how the run was executed (its speed, not its result): with train_time_s and steps, the
     # record measures the seconds per step of that arrangement
-    execution = {"jobs": args.jobs, "threads": args.threads} | speed
+    execution = {"jobs": args.jobs, "threads": args.threads, "group": args.group} | speed
 
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
         record_result(record, args.results, run, result | {"execution": execution})
@@ -703,8 +793,9 @@ def main() -> None:
             for r in record["selection"]
         }
         run_fn = functools.partial(run_arm, speed=speed, selections=selections)
+        units = group_units(runs) if args.group else runs
         execute(
-            pilots + runs, args.work_dir, variant=Variant(img_size=IMG_SIZE),
+            pilots + units, args.work_dir, variant=Variant(img_size=IMG_SIZE),
             device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
             order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
         )  # fmt: skip

@@ -24,7 +24,10 @@ Measures, in one process and side by side:
 - 1, 2, 4 and 8 such runs at once, one process each: seconds per step of each and steps per
   second of all together (how many runs side by side pay).
 - 1, 4 and 16 copies of the ViT trained as one vmapped step (``models_batched``): ms per step
-  and per copy (whether several runs in one process would pay more than runs side by side).
+  and per copy, kernels and device time;
+- 1 and 4 runs of the evidence configuration trained by ``spatial_entropy.grouped`` as one
+  group (``group_engine``): seconds per step of the group and per copy, copy-steps per second
+  (to set beside ``engine_parallel``'s runs side by side).
 
 On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the script.
 """
@@ -32,6 +35,7 @@ On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the scr
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import time
@@ -228,17 +232,23 @@ def _batched_step(device: str, batch: int, k: int):
     ]
     params, buffers = stack_module_state(models)
     skeleton = copy.deepcopy(models[0]).to("meta")
+    for module in skeleton.modules():  # explicit attention, as spatial_entropy.grouped runs it
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
     optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
-    images = torch.rand(k, batch, 1, 56, 56, device=device)
-    labels = torch.randint(0, 10, (k, batch), device=device)
-    forward = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), randomness="different")
+    images = torch.rand(batch, 1, 56, 56, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    forward = vmap(
+        lambda p, b, x: functional_call(skeleton, (p, b), (x,)),
+        in_dims=(0, 0, None), randomness="same",
+    )  # fmt: skip
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits = forward(params, buffers, images)
         per_image = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+            logits.float().flatten(0, 1), labels.repeat(k), reduction="none"
         )
         per_image.view(k, batch).mean(1).sum().backward()
         optimizer.step()
@@ -248,11 +258,12 @@ def _batched_step(device: str, batch: int, k: int):
 
 def models_batched(device: str, batch: int, counts=(1, 4, 16)) -> list[dict]:
     """K copies of the evidence ViT (drop path 0.1) trained as one step: their parameters
-    stacked and the model vmapped over them (``torch.func``), one batch of ``batch`` images
-    per copy, cross-entropy summed over copies (each copy's gradient is its own), bf16 autocast
-    on CUDA, one AdamW over the stacked parameters. ms per step of all K and per copy, and
-    the kernels and device time of a step: whether several runs in one process would beat runs
-    side by side, which cannot overlap their kernels on one GPU (not built; measured first)."""
+    stacked and the model vmapped over them (``torch.func``) on one shared batch of ``batch``
+    images, explicit attention, one drop-path draw for all (as `spatial_entropy.grouped`
+    trains them), cross-entropy summed over copies (each copy's gradient is its own), bf16
+    autocast on CUDA, one AdamW over the stacked parameters. ms per step of all K and per
+    copy, and the kernels and device time of a step: the model's share of what a group
+    saves (`group_engine` measures the whole trainer)."""
     import warnings
 
     rows = []
@@ -410,6 +421,47 @@ def engine_parallel(device: str, counts=(1, 2, 4, 8), epochs: int = 10) -> list[
     return rows
 
 
+def group_engine(device: str, counts=(1, 4), epochs: int = 5) -> list[dict]:
+    """The evidence configuration (n = 50, seed 0) trained by `spatial_entropy.grouped` as K
+    copies in one process (the arms baseline, se, drloc, se_drloc in turn) for ``epochs``
+    epochs: seconds per step of the group and per copy (median epoch time after the first,
+    over 7 steps an epoch), and copy-steps per second, to set beside `engine_parallel`'s runs
+    side by side."""
+    import dataclasses
+    import shutil
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import evidence_v2 as ev
+    from spatial_entropy.grouped import train_group
+
+    size, arms = ev.Size(50, 400, 1), ("baseline", "se", "drloc", "se_drloc")
+    rows = []
+    for k in counts:
+        configs = [
+            dataclasses.replace(  # evaluated once, at the end, on 5 % of the test split
+                ev.config_for(size, arms[i % 4], 0, device),
+                max_steps=epochs * 7,
+                val_fraction=0.05,
+            )  # fmt: skip
+            for i in range(k)
+        ]
+        root = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        try:
+            train_group(configs, [root / str(i) for i in range(k)])
+            with open(root / "0" / "log.csv", newline="") as f:
+                times = [float(r["epoch_time_s"]) for r in csv.DictReader(f)][1:]
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        group_step = statistics.median(times) / 7
+        rows.append({"copies": k, "s_per_group_step": group_step,
+                     "s_per_copy_step": group_step / k,
+                     "copy_steps_per_s": k / group_step})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
@@ -419,6 +471,9 @@ def main() -> None:
     parser.add_argument("--runs-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
         "--models-at-once", type=int, nargs="+", default=[1, 4, 16], help="of models_batched"
+    )
+    parser.add_argument(
+        "--copies-at-once", type=int, nargs="+", default=[1, 4], help="of group_engine"
     )
     parser.add_argument(
         "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
@@ -439,6 +494,9 @@ def main() -> None:
         "engine_variants": lambda: engine_variants(args.device, max(6, args.engine_epochs)),
         "engine_parallel": lambda: engine_parallel(
             args.device, args.runs_at_once, args.engine_epochs
+        ),
+        "group_engine": lambda: group_engine(
+            args.device, args.copies_at_once, max(2, args.engine_epochs)
         ),
     }
     unknown = set(args.parts or ()) - set(parts)

@@ -4,14 +4,18 @@
 #   bash benchmarks/gpu_session.sh session SECONDS   # within SECONDS: CUDA tests, short probe, evidence
 #   bash benchmarks/gpu_session.sh checks            # CUDA tests, full probe, loss speed, smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
-#                                                    # JOBS=N: runs side by side (default 8)
+#                                                    # JOBS=N: runs side by side (default 8);
+#                                                    # GROUP=1: runs of a seed as one step
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests and a
 # short probe (benchmarks/gpu_probe.py: one step's time and kernels, 1-16 copies of the model as
-# one vmapped step, 1/6/12 engine runs side by side), about 1.5 minutes; then, if at least 4
-# minutes are left, the evidence run for the time left, with as many runs side by side as the
-# probe found fastest (DataLoaders if the device batches failed their CUDA test). The evidence
+# one vmapped step, 1 and 4 runs trained as one group, 1/6/12 engine runs side by side), about
+# 2 minutes; then, if at least 4 minutes are left, the evidence run for the time left, with as
+# many runs side by side as the probe found fastest, and with --group (the runs of a seed and
+# size that differ only in their regularisers as one vmapped step, spatial_entropy.grouped) if
+# 4 copies as one group trained at >= 1.5x the rate of 1 (DataLoaders if the device batches
+# failed their CUDA test). The evidence
 # record is itself the measurement of that arrangement (each run's steps and training time).
 # It ends by itself about 20 s before SECONDS and leaves in $OUT:
 #   checks.txt            the CUDA tests and the probe as printed
@@ -47,17 +51,20 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     device=cpu
     speed=(--shapes 1 --repeats 1 --reference-repeats 1 --step-batch 4 --model-batch 2
         --models vit_small_patch16_224)
-    evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1)
-    probe=(--runs-at-once 1 --engine-epochs 1 --models-at-once 1 2 --batch 8)
+    evidence_extra=(--sizes 50 --seeds 1 --arms baseline se --pilot-epochs 1 --jobs 2 --threads 1
+        ${GROUP:+--group})
+    probe=(--runs-at-once 1 --engine-epochs 1 --models-at-once 1 2 --copies-at-once 1 2
+        --batch 8)
     quick_probe=("${probe[@]}")
 else
     device=cuda
     speed=()
     # runs side by side, one process each, their data on the GPU (no loader processes); the
     # session replaces 8 with the count the probe's engine_parallel found fastest
-    evidence_extra=(--jobs "${JOBS:-8}" --threads 1)
+    evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group})
     probe=(--runs-at-once 1 4 8 16)
-    quick_probe=(--runs-at-once 1 6 12 --engine-epochs 5)  # session: ~1 min of its minutes
+    # session: ~2 min of its minutes
+    quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5)
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
     export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
@@ -156,6 +163,20 @@ except Exception:
 PY
 }
 
+# use_group PROBE_JSON: "--group" when the probe's group_engine trained 4 copies in one
+# process at >= 1.5x the copy-steps per second of 1 (runs trained as one vmapped step pay on
+# this GPU), else nothing (runs alone, side by side)
+use_group() {
+    $py - "$1" <<'PY'
+import json, sys
+try:
+    rows = {r["copies"]: r["copy_steps_per_s"] for r in json.load(open(sys.argv[1]))["group_engine"]}
+    print("--group" if rows[4] >= 1.5 * rows[1] else "")
+except Exception:
+    print("")
+PY
+}
+
 case "${1:-checks}" in
 session)
     total=${2:?usage: $0 session SECONDS}
@@ -165,16 +186,17 @@ session)
         # copies; how many runs side by side pay): every other second goes to the evidence,
         # whose record is itself the measurement of runs side by side (steps, train_time_s)
         echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
-        timeout 150 $py benchmarks/gpu_probe.py --device $device --parts step models_batched \
-            engine_parallel "${quick_probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
+        timeout 200 $py benchmarks/gpu_probe.py --device $device --parts step models_batched \
+            group_engine engine_parallel "${quick_probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
             | strip | cut -c1-400
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
     if [ $device = cuda ]; then  # as many runs side by side as gave the most steps per second
         jobs=$(best_jobs "$OUT/gpu_probe.json")
-        evidence_extra=(--jobs "$jobs" --threads 1)
-        echo "== evidence with $jobs runs side by side (gpu_probe.json, engine_parallel)" \
-            "$(data_flags)"
+        group=$(use_group "$OUT/gpu_probe.json")
+        evidence_extra=(--jobs "$jobs" --threads 1 $group)
+        echo "== evidence with $jobs runs side by side ${group:-(no groups)} (gpu_probe.json," \
+            "engine_parallel, group_engine) $(data_flags)"
     fi
     left=$((total - (SECONDS - start) - 20))
     if [ $left -lt 240 ]; then  # too little for any run to finish: nothing would be recorded

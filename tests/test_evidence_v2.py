@@ -3,6 +3,7 @@ hypotheses. No training: the training and data functions are replaced by fakes."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -193,7 +194,8 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     assert record["pilot"]["50"]["epochs"] == 7 and len(record["runs"]) == 4
     assert all(r["epochs"] == 7 for r in record["runs"])  # the pilot's choice, frozen
     # each run says how it was executed: its seconds per step are read with that
-    execution = {"jobs": 1, "threads": None, "num_workers": 0, "data_on_device": "auto"}
+    execution = {"jobs": 1, "threads": None, "group": False, "num_workers": 0,
+                 "data_on_device": "auto"}  # fmt: skip
     assert all(r["execution"] == execution for r in [*record["runs"], record["pilot"]["50"]])
     # a fresh machine (another work dir) with one more seed: only seed 2 is run
     calls.clear()
@@ -363,11 +365,72 @@ def test_cost_lines_by_hand(ev) -> None:
         "pilot": {"50": run("gpu", 100.0, 1000, jobs=8)},
         "selection": [run("gpu", 60.0, 200, jobs=8)],
         "runs": [run("gpu", 40.0, 200, jobs=8), run("gpu", 10.0, 200, jobs=2),
-                 run("cpu", 300.0, 200)],
+                 run("cpu", 300.0, 200),
+                 # two copies of one group: 80 s for 200 steps of both, 0.2 s a copy's step
+                 *[run("gpu", 80.0, 200, jobs=2) | {"group": {"copies": 2, "index": i}}
+                   for i in (0, 1)]],
     }  # fmt: skip
     assert ev.cost_lines(record)[3:] == [
         "- cpu, ? side by side, m: 1.500 s (1 runs)",
         "- gpu, 2 side by side, m: 0.050 s (1 runs)",
+        "- gpu, 2 side by side, 2 as one step, m: 0.200 s (2 runs)",
         "- gpu, 8 side by side, m: 0.200 s (3 runs)",  # median of 0.1, 0.3, 0.2
     ]
     assert ev.cost_lines({"pilot": {}, "runs": []}) == []
+
+
+def test_group_units_merge_each_group_of_a_seed_and_size(ev) -> None:
+    s50, s100 = ev.Size(50, 400, 5), ev.Size(100, 400, 5)
+    runs = [(s50, "baseline", 0), (s50, "se", 0), (s50, "se_no_last_skip", 0),
+            (s50, "drloc", 0), (s50, "se_val@0.01", 0), (s50, "se_val@0.1", 0),
+            (s100, "baseline", 0), (s100, "se_val@0.03", 0), (s50, "se", 1),
+            (s50, "drloc", 1)]  # fmt: skip
+    assert [(s.n_per_class, a, k) for s, a, k in ev.group_units(runs)] == [
+        (50, "group:baseline+se+drloc", 0),
+        (50, "se_no_last_skip", 0),
+        (50, "group:se_val@0.01+se_val@0.1", 0),
+        (100, "baseline", 0),  # alone in its group at that size: trained as a plain run
+        (100, "se_val@0.03", 0),
+        (50, "group:se+drloc", 1),
+    ]
+    order = sorted(ev.group_units(runs), key=ev.seed_order(list(ev.arms())))
+    assert [a for _, a, _ in order][:3] == [
+        "group:baseline+se+drloc",
+        "se_no_last_skip",
+        "group:se_val@0.01+se_val@0.1",
+    ]
+
+
+@pytest.mark.slow
+def test_a_group_unit_trains_its_runs_together_and_records_each(
+    ev, tiny_pilot, tmp_path, monkeypatch
+) -> None:
+    size = ev.Size(13, 2, 1)
+    work = tmp_path / "work"
+    # se was begun alone (it has a checkpoint): it resumes alone, the others train as a group
+    begun = dataclasses.replace(ev.config_for(size, "se", 0, "cpu"), max_steps=1)
+    ev.train(begun, ev.run_dir_of(size, "se", 0, work))
+    for name in ("metrics.json", "model.safetensors"):  # as if killed after its checkpoint
+        (ev.run_dir_of(size, "se", 0, work) / name).unlink()
+    grouped, train_group = [], ev.train_group
+
+    def spy(configs, dirs, **kwargs):
+        grouped.append(dirs)
+        return train_group(configs, dirs, **kwargs)
+
+    monkeypatch.setattr(ev, "train_group", spy)
+    results = ev.run_arm(size, "group:baseline+se+drloc", 0, work, ev.Variant(), "cpu")
+    assert [r["arm"] for r in results] == ["baseline", "se", "drloc"]
+    assert grouped == [[ev.run_dir_of(size, a, 0, work) for a in ("baseline", "drloc")]]
+    assert [r.get("group") for r in results] == [
+        {"copies": 2, "index": 0},
+        None,
+        {"copies": 2, "index": 1},
+    ]
+    assert results[0]["steps"] == results[1]["steps"] == results[2]["steps"] > 1
+    for r in results:
+        assert 0 <= r["top1"] <= 100 and 0 <= r["train_top1"] <= 100
+        assert r["jaccard"] is not None
+    # a second call reads the results back: nothing trains again
+    assert ev.run_arm(size, "group:baseline+se+drloc", 0, work, ev.Variant(), "cpu") == results
+    assert len(grouped) == 1
