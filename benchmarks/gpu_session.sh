@@ -78,7 +78,8 @@ cuda_tests() {
     $py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
     echo "== CUDA tests"
     timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_components.py \
-        tests/test_entropy.py tests/test_sync_free.py tests/test_attention.py -k cuda -rA \
+        tests/test_entropy.py tests/test_sync_free.py tests/test_attention.py \
+        tests/test_grouped.py -k cuda -rA \
         2>&1 | tee /tmp/cuda_tests.txt | grep -v "^PASSED" | tail -8
 }
 

@@ -96,3 +96,43 @@ def test_refusals_leave_runs_as_they_were(recipe, tmp_path):
     with pytest.raises(ValueError, match="not element-wise"):
         train_group([load_config(values=recipe | {"opt": "lamb"})], [tmp_path / "lamb"])
     assert not (tmp_path / "lamb").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_group_step_synchronises_never(recipe, tmp_path) -> None:
+    import warnings
+
+    from spatial_entropy.grouped import _build_copy, _Group
+
+    cuda = recipe | {"device": "cuda", "opt": "adamw", "amp": "bf16"}
+    configs = [load_config(values=cuda | keys) for keys in ARMS.values()]
+    copies = [_build_copy(c, tmp_path / str(i), 10, 1, torch.device("cuda"))
+              for i, c in enumerate(configs)]  # fmt: skip
+    group = _Group(copies, 10, steps_per_epoch=4)
+    images = torch.rand(10, 1, 16, 16, device="cuda")
+    targets = torch.arange(10, device="cuda")
+    group.train_step(images, targets, 0, 0, 4)  # first step: lazy state (AdamW's moments)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            group.train_step(images, targets, 0, 1, 4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert syncs == []
+    assert all(torch.isfinite(c.sums["loss"]) for c in copies)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_each_copy_is_the_run_trained_alone(recipe, tmp_path) -> None:
+    cuda = recipe | {"device": "cuda", "amp": "off"}
+    configs = [load_config(values=cuda | keys) for keys in ARMS.values()]
+    train_group(configs, [tmp_path / "g" / arm for arm in ARMS])
+    for arm, config in zip(ARMS, configs, strict=True):
+        train(config, tmp_path / "alone" / arm)
+        ours = load_weights(tmp_path / "g" / arm / "model.safetensors")
+        theirs = load_weights(tmp_path / "alone" / arm / "model.safetensors")
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=arm + key)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -211,6 +212,9 @@ class _Group:
         self.capture = AttentionCapture(self.skeleton.vit) if with_cls else None
         self.with_se = [i for i, c in enumerate(copies) if c.se is not None]
         self.with_drloc = [i for i, c in enumerate(copies) if c.drloc is not None]
+        # index tensors made once: a host-to-device copy in the step would wait for the GPU
+        self.se_index = torch.tensor(self.with_se, device=self.device)
+        self.drloc_index = torch.tensor(self.with_drloc, device=self.device)
         heads = [copies[i].drloc.module for i in self.with_drloc]
         self.head_params = _stack(heads) if heads else {}
         self.head_skeleton = _skeleton(heads[0]) if heads else None
@@ -268,21 +272,20 @@ class _Group:
     ) -> Tensor:
         """``sum_k λ_k SE_k`` over the copies with spatial entropy (the SE of all their maps in
         one call); without a graph while every λ is 0, as the regulariser does alone."""
-        maps = scores[torch.tensor(self.with_se, device=self.device)]  # (Ks, B, heads, N)
+        maps = scores[self.se_index]  # (Ks, B, heads, N)
         with torch.set_grad_enabled(any(w > 0 for w in weights)):
             values = spatial_entropy(maps.flatten(0, 1), grid).reshape(len(maps), -1).mean(1)
         for j, i in enumerate(self.with_se):
             stats[i]["se"] = values[j].detach()
         if not values.requires_grad:
             return values.new_zeros(())
-        return (torch.tensor(weights, device=self.device) * values).sum()
+        return sum(w * values[j] for j, w in enumerate(weights))  # float weights: no copy
 
     def _drloc_term(self, tokens: Tensor, grid: tuple[int, int], stats: dict) -> Tensor:
         """``sum_k w_k DRLoc_k`` over the copies with DRLoc, each with its own head and pairs."""
         copies = [self.copies[i] for i in self.with_drloc]
-        index = torch.tensor(self.with_drloc, device=self.device)
         prefix = self.skeleton.vit.num_prefix_tokens
-        patch_tokens = tokens[index][:, :, prefix:]  # (Kd, B, N, D)
+        patch_tokens = tokens[self.drloc_index][:, :, prefix:]  # (Kd, B, N, D)
         batch = patch_tokens.shape[1]
         positions = torch.stack([
             sample_position_pairs(batch, grid, c.drloc.pairs, c.generator) for c in copies
@@ -295,10 +298,9 @@ class _Group:
             return drloc_loss(tokens, grid, head, pairs)
 
         values = vmap(loss)(self.head_params, patch_tokens, positions)
-        weights = torch.tensor([c.drloc.weight for c in copies], device=self.device)
         for j, i in enumerate(self.with_drloc):
             stats[i]["drloc"] = values[j].detach()
-        return (weights * values).sum()
+        return sum(c.drloc.weight * values[j] for j, c in enumerate(copies))
 
     def load_copy(self, i: int) -> nn.Module:
         """Copy ``i``'s current weights into its model; returns the model."""
@@ -413,7 +415,7 @@ def _epoch_stats(
     sums = {k: float(v) for k, v in sorted(c.sums.items())}
     count = max(sums.pop("batches", 0.0), 1.0)
     stats = {f"train_{k}": v / count for k, v in sums.items()}
-    if not torch.isfinite(torch.tensor(stats["train_loss"])):
+    if not math.isfinite(stats["train_loss"]):
         raise FloatingPointError(
             f"{c.paths.root}: training loss is {stats['train_loss']} in epoch {epoch} (step "
             f"{group.step}); lower lr or amp=off"
@@ -430,7 +432,7 @@ def _evaluate(group: _Group, i: int, loader) -> dict[str, float]:
     model = group.load_copy(i)
     attention = group.capture is not None
     metrics = _evaluate_for_log(model, loader, group.device, group.amp_dtype, attention)
-    if not torch.isfinite(torch.tensor(metrics["loss"])):
+    if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(
             f"{group.copies[i].paths.root}: validation loss is {metrics['loss']} at step "
             f"{group.step}; lower lr or amp=off"
