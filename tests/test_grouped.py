@@ -93,6 +93,10 @@ def test_refusals_leave_runs_as_they_were(recipe, tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run"):
         train_group([one_epoch], [tmp_path / "kept"])
     assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="BatchNormAct2d layers"):  # the conv stem's
+        stem = {"model": "se_vit_convstem_small_56", "model_kwargs": {}, "img_size": 56}
+        train_group([load_config(values=recipe | stem)], [tmp_path / "stem"])
+    assert not (tmp_path / "stem").exists()
     with pytest.raises(ValueError, match="not element-wise"):
         train_group([load_config(values=recipe | {"opt": "lamb"})], [tmp_path / "lamb"])
     assert not (tmp_path / "lamb").exists()

@@ -24,7 +24,8 @@ CPU). So a copy is close to the run alone, not bit-equal (tested against the eng
 
 Not supported, refused in one line: configs that differ in anything but ``se.*`` and
 ``drloc.*``; torchrun; EMA; gradient clipping; layer decay; fp16 (bf16 and float32 are fine);
-``compile``; optimisers that are not element-wise. A group writes no checkpoints: its files
+``compile``; optimisers that are not element-wise; models with BatchNorm (its running
+statistics, e.g. in the convolutional stem). A group writes no checkpoints: its files
 appear when it ends, so a killed group leaves no run behind and starts again.
 """
 
@@ -201,6 +202,16 @@ class _Group:
     def __init__(self, copies: list[_Copy], num_classes: int, steps_per_epoch: int) -> None:
         self.copies = copies
         cfg = copies[0].config
+        norms = [
+            type(m).__name__
+            for m in copies[0].model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        if norms:
+            raise ValueError(
+                f"{cfg.model} has {norms[0]} layers, whose running statistics vmap cannot "
+                "update per copy; train its runs alone"
+            )
         self.device = next(copies[0].model.parameters()).device
         self.params = _stack([c.model for c in copies], prefix="vit.")
         self.buffers = {
@@ -308,6 +319,8 @@ class _Group:
         with torch.no_grad():
             for name, p in c.model.named_parameters():
                 p.copy_(self.params["vit." + name][i])
+            for name, b in c.model.named_buffers():
+                b.copy_(self.buffers["vit." + name][i])
         return c.model
 
 
