@@ -262,8 +262,7 @@ class _Group:
             logits, tokens, scores = forward(self.params, self.buffers, images)
             task = vmap(self.criterion, in_dims=(0, None))(logits, targets)
             total = task.sum()
-            stats: dict[int, dict[str, Tensor]] = {i: {"loss": task[i].detach()} for i in
-                                                   range(len(copies))}  # fmt: skip
+            stats = [{"loss": value} for value in task.detach()]  # per copy
             if self.with_se:
                 total = total + self._se_term(scores, grid, se_weights, stats)
             if self.with_drloc:
@@ -279,7 +278,7 @@ class _Group:
                 c.sums[key] = c.sums.get(key, 0.0) + value.double()
 
     def _se_term(
-        self, scores: Tensor, grid: tuple[int, int], weights: list[float], stats: dict
+        self, scores: Tensor, grid: tuple[int, int], weights: list[float], stats: list[dict]
     ) -> Tensor:
         """``sum_k λ_k SE_k`` over the copies with spatial entropy (the SE of all their maps in
         one call); without a graph while every λ is 0, as the regulariser does alone."""
@@ -292,7 +291,7 @@ class _Group:
             return values.new_zeros(())
         return sum(w * values[j] for j, w in enumerate(weights))  # float weights: no copy
 
-    def _drloc_term(self, tokens: Tensor, grid: tuple[int, int], stats: dict) -> Tensor:
+    def _drloc_term(self, tokens: Tensor, grid: tuple[int, int], stats: list[dict]) -> Tensor:
         """``sum_k w_k DRLoc_k`` over the copies with DRLoc, each with its own head and pairs."""
         copies = [self.copies[i] for i in self.with_drloc]
         prefix = self.skeleton.vit.num_prefix_tokens
