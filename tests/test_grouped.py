@@ -140,3 +140,25 @@ def test_cuda_each_copy_is_the_run_trained_alone(recipe, tmp_path) -> None:
         theirs = load_weights(tmp_path / "alone" / arm / "model.safetensors")
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=arm + key)
+
+
+def test_train_sweep_writes_one_run_per_combination(tmp_path, tiny_sets, capsys) -> None:
+    from spatial_entropy.cli import main
+
+    sweep = ["--sweep", "se.weight=0,0.5", "--sweep", "drloc.weight=0,0.7"]
+    assert main(["train", "--output", str(tmp_path / "sweep"), *tiny_sets(), *sweep]) == 0
+    names = {p.name for p in (tmp_path / "sweep").iterdir()}
+    assert names == {f"se.weight={a}_drloc.weight={b}" for a in ("0", "0.5") for b in ("0", "0.7")}
+    for name in names:
+        run = tmp_path / "sweep" / name
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["group"]["copies"] == 4 and metrics["steps"] == 3
+        config = load_config(run / "config.yaml")
+        weights = name.replace("se.weight=", "").split("_drloc.weight=")
+        assert (config.se.weight, config.drloc.weight) == tuple(float(w) for w in weights)
+    assert capsys.readouterr().out.count("-> ") == 4
+    # not a key of the group: one line, nothing written
+    argv = ["train", "--output", str(tmp_path / "lr"), *tiny_sets(), "--sweep", "lr=0.1,0.2"]
+    assert main(argv) == 1
+    assert "se.* and drloc.* keys only" in capsys.readouterr().err
+    assert not (tmp_path / "lr").exists()

@@ -33,6 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config key (dotted, YAML-typed: --set se.weight=0 --set lr=1e-3)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="train one run per value (per combination, when repeated) as one vmapped step, "
+        "written to RUN_DIR/KEY=VALUE; keys se.* and drloc.* only (a regulariser ablation or "
+        "a λ sweep: on a GPU K runs cost little more than one); no checkpoints, no --resume",
+    )
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--resume",
@@ -54,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from spatial_entropy.engine import train
     from spatial_entropy.runs import RunPaths
 
+    if args.sweep:
+        return _sweep(args)
     resume = args.resume == "auto"
     path = args.config
     if path is None and resume and RunPaths(args.output).config.is_file():
@@ -65,4 +76,32 @@ def run(args: argparse.Namespace) -> int:
         f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
         f"({metrics['steps']} steps, {metrics['train_time_s']:.0f} s) -> {args.output}"
     )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``--sweep``: every combination of the swept values as one group (spatial_entropy.grouped)."""
+    import itertools
+    from pathlib import Path
+
+    from spatial_entropy.grouped import GROUP_KEYS, train_group
+
+    if args.resume:
+        raise ValueError("--sweep trains a group, which writes no checkpoints: no --resume")
+    axes = []
+    for item in args.sweep:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
+        if not key.startswith(GROUP_KEYS):
+            raise ValueError(f"--sweep sweeps se.* and drloc.* keys only (runs of one group), "
+                             f"got {key!r}; train other settings as separate runs")  # fmt: skip
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    combos = list(itertools.product(*axes))
+    configs = [load_config(args.config, [*args.overrides, *combo]) for combo in combos]
+    dirs = [Path(args.output) / "_".join(combo) for combo in combos]
+    results = train_group(configs, dirs, overwrite=args.overwrite)
+    for run_dir, metrics in zip(dirs, results, strict=True):
+        print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss "
+              f"{metrics['loss']:.4f}  ({metrics['steps']} steps) -> {run_dir}")  # fmt: skip
     return 0
