@@ -412,6 +412,22 @@ def check_recipe(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'sched' {cfg.sched!r}: {error}") from None
 
 
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, modules: Iterable[nn.Module] = ()
+) -> torch.optim.Optimizer:
+    """timm's optimiser of ``cfg`` for ``model`` (its weight-decay and layer-decay groups), then
+    a group pair for each of the regularisers' ``modules``: they train with the scheduled lr
+    (no lr_scale, so under layer decay they get the classifier head's); weights decay, biases
+    do not. Build the scheduler after it: it records every group's initial lr."""
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
+    )
+    for module in modules:
+        for group in param_groups_weight_decay(module, cfg.weight_decay):
+            optimizer.add_param_group(group)
+    return optimizer
+
+
 def initial_model(
     cfg: TrainConfig, num_classes: int, in_chans: int, device: torch.device
 ) -> nn.Module:
@@ -461,15 +477,7 @@ def build_training_run(
         except ValueError as error:  # e.g. SE (on by default) on a model without [CLS]
             raise ValueError(f"{error}; {reg.name}.weight=0 turns {reg.name} off") from error
     modules = {reg.name: reg.module for reg in regularizers if reg.module is not None}
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay
-    )
-    # The regularisers' modules train with the scheduled lr (their groups have no lr_scale, so
-    # under layer decay they get the classifier head's); weights decay, biases do not. Added
-    # before the scheduler, which records every group's initial lr.
-    for module in modules.values():
-        for group in param_groups_weight_decay(module, cfg.weight_decay):
-            optimizer.add_param_group(group)
+    optimizer = build_optimizer(cfg, model, modules.values())
     scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)

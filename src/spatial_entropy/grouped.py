@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.utils import random_seed
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -64,6 +63,7 @@ from spatial_entropy.engine import (
     autocast_dtype,
     build_datasets,
     build_loaders,
+    build_optimizer,
     build_regularizers,
     check_recipe,
     initial_model,
@@ -162,19 +162,18 @@ def _skeleton(module: nn.Module) -> nn.Module:
 def _optimizer(
     cfg: TrainConfig, copies: list[_Copy], stacked: dict[str, Tensor]
 ) -> torch.optim.Optimizer:
-    """The optimiser that the engine builds for copy 0 (timm's groups: weight decay on weights,
-    not on biases, norms and the model's ``no_weight_decay``; the DRLoc head's groups after
-    them), over the stacked tensors instead of copy 0's parameters.
+    """The optimiser that the engine builds for a run alone (`build_optimizer`: timm's groups,
+    then the DRLoc head's), over the stacked tensors instead of one copy's parameters.
 
     Raises:
         ValueError: the optimiser is not element-wise (LAMB, LARS... scale by a tensor's norm,
             which a stacked tensor would mix between copies).
     """
-    first = copies[0]
-    names = {id(p): name for name, p in first.model.named_parameters()}
-    optimizer = create_optimizer_v2(
-        first.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    model = copies[0].model
+    heads = [c.drloc.module for c in copies if c.drloc is not None][:1]
+    names = {id(p): name for name, p in model.named_parameters()}
+    names |= {id(p): "drloc." + name for head in heads for name, p in head.named_parameters()}
+    optimizer = build_optimizer(cfg, model, heads)
     if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
         raise ValueError(
             f"opt {cfg.opt!r} ({type(optimizer).__name__}) is not element-wise; a group "
@@ -185,15 +184,7 @@ def _optimizer(
         for group in optimizer.param_groups
     ]
     accepted = inspect.signature(type(optimizer)).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    grouped = type(optimizer)(groups, **defaults)
-    heads = [c.drloc.module for c in copies if c.drloc is not None]
-    if heads:  # the heads' groups, as the engine adds them for a run alone
-        head_names = {id(p): name for name, p in heads[0].named_parameters()}
-        for group in param_groups_weight_decay(heads[0], cfg.weight_decay):
-            params = [stacked["drloc." + head_names[id(p)]] for p in group["params"]]
-            grouped.add_param_group({**group, "params": params})
-    return grouped
+    return type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 class _Group:
