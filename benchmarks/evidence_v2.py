@@ -280,24 +280,27 @@ def train_as_group(
     size: Size, unit: str, seed: int, work_dir: Path, device: str, speed: dict | None
 ) -> None:
     """Train the members of a ``group:`` unit as one group, but not those already finished
-    and not those with a checkpoint (a run begun alone resumes alone: nothing is lost)."""
-    members = unit.removeprefix(GROUP).split("+")
-    configs, dirs = [], []
-    for arm in members:
+    and not those with a checkpoint (a run begun alone resumes alone: nothing is lost). The
+    group's own checkpoint goes to ``groups/`` beside the runs, named by the runs it trains,
+    so a group cut off resumes."""
+    arms, configs = [], []
+    for arm in unit.removeprefix(GROUP).split("+"):
         run_dir = run_dir_of(size, arm, seed, work_dir)
         if _metrics(run_dir) is not None or (run_dir / "checkpoints").is_dir():
             continue
-        if arm.startswith(SELECTION):
-            weight = float(arm.removeprefix(SELECTION))
-            configs.append(config_for(size, "se_val", seed, device, weight, speed))
-        else:
-            configs.append(config_for(size, arm, seed, device, speed=speed))
-        dirs.append(run_dir)
+        weight = float(arm.removeprefix(SELECTION)) if arm.startswith(SELECTION) else None
+        configs.append(config_for(size, "se_val" if weight else arm, seed, device, weight, speed))
+        arms.append(arm)
     if not configs:
         return
     # a selection group trains on the carved images, the other on the run's training images
-    datasets = selection_datasets(configs[0]) if members[0].startswith(SELECTION) else None
-    train_group(configs, dirs, overwrite=True, datasets=datasets)
+    datasets = selection_datasets(configs[0]) if arms[0].startswith(SELECTION) else None
+    root = work_dir / f"n{size.n_per_class}_e{size.epochs}"
+    train_group(
+        configs, [run_dir_of(size, arm, seed, work_dir) for arm in arms],
+        checkpoint=root / "groups" / f"{'+'.join(arms)}_seed{seed}.pt", resume=True,
+        overwrite=True, datasets=datasets,
+    )  # fmt: skip
 
 
 def select_lambda(scores: dict[float, float]) -> dict:

@@ -147,7 +147,7 @@ def test_train_sweep_writes_one_run_per_combination(tmp_path, tiny_sets, capsys)
 
     sweep = ["--sweep", "se.weight=0,0.5", "--sweep", "drloc.weight=0,0.7"]
     assert main(["train", "--output", str(tmp_path / "sweep"), *tiny_sets(), *sweep]) == 0
-    names = {p.name for p in (tmp_path / "sweep").iterdir()}
+    names = {p.name for p in (tmp_path / "sweep").iterdir()} - {"group.pt"}  # its checkpoint
     assert names == {f"se.weight={a}_drloc.weight={b}" for a in ("0", "0.5") for b in ("0", "0.7")}
     for name in names:
         run = tmp_path / "sweep" / name
@@ -157,8 +157,61 @@ def test_train_sweep_writes_one_run_per_combination(tmp_path, tiny_sets, capsys)
         weights = name.replace("se.weight=", "").split("_drloc.weight=")
         assert (config.se.weight, config.drloc.weight) == tuple(float(w) for w in weights)
     assert capsys.readouterr().out.count("-> ") == 4
+    again = ["train", "--output", str(tmp_path / "sweep"), *tiny_sets(), *sweep]
+    assert main(again) == 1  # holds the group: refused, left as it was
+    assert "holds a group's checkpoint" in capsys.readouterr().err
+    assert main([*again, "--resume", "auto"]) == 0
+    assert "have finished; nothing to do" in capsys.readouterr().out
     # not a key of the group: one line, nothing written
     argv = ["train", "--output", str(tmp_path / "lr"), *tiny_sets(), "--sweep", "lr=0.1,0.2"]
     assert main(argv) == 1
     assert "se.* and drloc.* keys only" in capsys.readouterr().err
     assert not (tmp_path / "lr").exists()
+
+
+def test_a_killed_group_resumes_from_its_checkpoint_bit_for_bit(recipe, tmp_path, monkeypatch):
+    from spatial_entropy import grouped
+
+    recipe = recipe | {"epochs": 4, "checkpoint_epochs": 2, "opt": "adamw", "lr": 1e-3}
+    configs = [load_config(values=recipe | keys) for keys in ARMS.values()]
+    names = list(ARMS)
+    whole = train_group(configs, [tmp_path / "whole" / n for n in names],
+                        checkpoint=tmp_path / "whole" / "group.pt")  # fmt: skip
+    # killed in epoch 3 (step 7 of 8), after the checkpoint of epoch 2 (its first at epoch 0)
+    step = grouped._Group.train_step
+
+    def dying(self, *args):
+        if self.step == 6:
+            raise KeyboardInterrupt
+        step(self, *args)
+
+    dirs = [tmp_path / "cut" / n for n in names]
+    monkeypatch.setattr(grouped._Group, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_group(configs, dirs, checkpoint=tmp_path / "cut" / "group.pt")
+    assert not any(d.exists() for d in dirs)  # nothing written but the group's checkpoint
+    saved = (tmp_path / "cut" / "group.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a group's checkpoint"):  # not lost
+        train_group(configs, dirs, checkpoint=tmp_path / "cut" / "group.pt")
+    assert (tmp_path / "cut" / "group.pt").read_bytes() == saved
+    monkeypatch.setattr(grouped._Group, "train_step", step)
+    resumed = train_group(configs, dirs, checkpoint=tmp_path / "cut" / "group.pt", resume=True)
+    timing = ("epoch_time_s", "images_per_s", "train_time_s")
+    for name, a, b in zip(names, whole, resumed, strict=True):
+        ours = load_weights(tmp_path / "cut" / name / "model.safetensors")
+        theirs = load_weights(tmp_path / "whole" / name / "model.safetensors")
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }
+        rows = [_rows(tmp_path / run / name / "log.csv") for run in ("whole", "cut")]
+        assert [{k: v for k, v in r.items() if k not in timing} for r in rows[0]] == [
+            {k: v for k, v in r.items() if k not in timing} for r in rows[1]
+        ]
+    # finished: left as it is; other configs: refused in one line
+    again = train_group(configs, dirs, checkpoint=tmp_path / "cut" / "group.pt", resume=True)
+    assert again == resumed
+    other = [load_config(values=recipe | keys | {"epochs": 5}) for keys in ARMS.values()]
+    with pytest.raises(ValueError, match="written for other configs"):
+        train_group(other, [tmp_path / "x" / n for n in names],
+                    checkpoint=tmp_path / "cut" / "group.pt", resume=True)  # fmt: skip

@@ -22,17 +22,23 @@ accepted) and schedule. What differs is rounding: batched matrix products, and t
 computed explicitly rather than by the fused kernel (vmap has no batching rule for it on
 CPU). So a copy is close to the run alone, not bit-equal (tested against the engine).
 
+With a ``checkpoint`` file the group saves its whole state where a run alone would save
+(``checkpoint_epochs``) and resumes from it bit for bit.
+
 Not supported, refused in one line: configs that differ in anything but ``se.*`` and
 ``drloc.*``; torchrun; EMA; gradient clipping; layer decay; fp16 (bf16 and float32 are fine);
 ``compile``; optimisers that are not element-wise; models with BatchNorm (its running
-statistics, e.g. in the convolutional stem). A group writes no checkpoints: its files
-appear when it ends, so a killed group leaves no run behind and starts again.
+statistics, e.g. in the convolutional stem). The run directories are written when the group
+ends (without a ``checkpoint``, a killed group leaves no run behind and starts again).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import io
+import json
 import math
 import os
 import time
@@ -69,7 +75,9 @@ from spatial_entropy.engine import (
     initial_model,
 )
 from spatial_entropy.entropy import spatial_entropy
+from spatial_entropy.files import atomic_write
 from spatial_entropy.regularizers import DRLocRegularizer, SpatialEntropyRegularizer
+from spatial_entropy.rng import get_rng_state, set_rng_state
 from spatial_entropy.runs import RunPaths, write_json
 
 __all__ = ["train_group", "check_group", "GROUP_KEYS"]
@@ -303,6 +311,41 @@ class _Group:
             stats[i]["drloc"] = values[j].detach()
         return sum(c.drloc.weight * values[j] for j, c in enumerate(copies))
 
+    def save(self, path: Path, epoch: int, elapsed: float, train_stats: list[dict]) -> None:
+        """Write everything a resume at ``epoch`` (its start) needs, atomically."""
+        state = {
+            "configs": [dataclasses.asdict(c.config) for c in self.copies],
+            "epoch": epoch, "step": self.step, "elapsed": elapsed, "train_stats": train_stats,
+            "params": {k: v.detach() for k, v in self.params.items()},
+            "head_params": {k: v.detach() for k, v in self.head_params.items()},
+            "optimizer": self.optimizer.state_dict(), "rng": get_rng_state(),
+            "generators": [None if c.generator is None else c.generator.get_state()
+                           for c in self.copies],
+            "copies": [{"rows": c.rows, "best": c.best} for c in self.copies],
+        }  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getvalue())
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, float, list[dict]]:
+        """Continue from a :meth:`save`; returns (first epoch, elapsed s, last epoch's stats)."""
+        with torch.no_grad():
+            for stacked, saved in (("params", state["params"]),
+                                   ("head_params", state["head_params"])):  # fmt: skip
+                for name, tensor in getattr(self, stacked).items():
+                    tensor.copy_(saved[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.scheduler.step_update(self.step)
+        set_rng_state(state["rng"])
+        for c, generator, saved in zip(self.copies, state["generators"], state["copies"],
+                                       strict=True):  # fmt: skip
+            if generator is not None:
+                c.generator.set_state(generator)
+            c.rows, c.best = saved["rows"], saved["best"]
+        return state["epoch"], state["elapsed"], state["train_stats"]
+
     def load_copy(self, i: int) -> nn.Module:
         """Copy ``i``'s current weights into its model; returns the model."""
         c = self.copies[i]
@@ -335,19 +378,27 @@ def train_group(
     configs: Sequence[TrainConfig],
     run_dirs: Sequence[str | Path],
     *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
     overwrite: bool = False,
     datasets: tuple[Dataset, Dataset] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the runs ``configs`` as one group (see the module) and write run ``k`` to
     ``run_dirs[k]``; return each run's final metrics (``metrics.json``).
 
+    With ``checkpoint`` (a file), the group's whole state is written there, atomically, at the
+    epochs where a run alone would save (``checkpoint_epochs``, and the last), and ``resume``
+    continues from it bit for bit; a group whose runs are all written is then left as it is.
     ``datasets`` replaces ``(train, val)`` built from the first config, as in
     :func:`~spatial_entropy.engine.train`. The run directories are written when the group
-    ends; a directory that already holds a run is refused unless ``overwrite``.
+    ends; a directory that already holds a run, or a ``checkpoint`` that exists, is refused
+    unless ``overwrite`` or the group resumes from its checkpoint.
 
     Raises:
-        ValueError: see :func:`check_group`; ``run_dirs`` not one per config, or repeated.
-        FileExistsError: a run directory holds a run, and not ``overwrite``.
+        ValueError: see :func:`check_group`; ``run_dirs`` not one per config, or repeated;
+            ``resume`` from a checkpoint written for other configs.
+        FileExistsError: a run directory holds a run or the checkpoint exists, and neither
+            ``overwrite`` nor a resume.
         FloatingPointError: a copy's training or validation loss is not finite.
     """
     configs = list(configs)
@@ -355,8 +406,19 @@ def train_group(
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) != len(configs) or len({d.resolve() for d in dirs}) != len(dirs):
         raise ValueError(f"a group needs one distinct run directory per config, got {dirs}")
+    state = _read_state(Path(checkpoint), configs) if resume and checkpoint else None
+    finished = [json.loads(RunPaths(d).metrics.read_text()) for d in dirs
+                if RunPaths(d).metrics.is_file() and RunPaths(d).weights.is_file()]  # fmt: skip
+    if resume and len(finished) == len(dirs):
+        print(f"the {len(dirs)} runs of this group have finished; nothing to do")
+        return finished
+    if checkpoint and Path(checkpoint).is_file() and not (resume or overwrite):
+        raise FileExistsError(
+            f"{checkpoint} holds a group's checkpoint; resume to continue it (--resume auto), "
+            "overwrite to start again"
+        )
     for path in dirs:
-        if RunPaths(path).run_files() and not overwrite:
+        if RunPaths(path).run_files() and not overwrite and state is None:
             raise FileExistsError(f"{path} already holds a run; pass overwrite to replace it")
     cfg = configs[0]
     check_recipe(cfg)
@@ -372,11 +434,15 @@ def train_group(
     ]
     group = _Group(copies, train_set.num_classes, steps_per_epoch)
     random_seed(cfg.seed, 0)  # the training streams of a run alone, after its initial weights
-    clock = time.perf_counter()
-    progress = tqdm(total=total_steps, desc=f"{len(copies)} runs as one", dynamic_ncols=True)
-    train_stats: list[dict[str, float]] = []
+    first_epoch, elapsed, train_stats = 0, 0.0, []
+    if state is not None:
+        first_epoch, elapsed, train_stats = group.restore(state)
+        print(f"resumed the group from {checkpoint} (epoch {first_epoch}, step {group.step})")
+    clock = time.perf_counter() - elapsed
+    progress = tqdm(total=total_steps, initial=group.step, desc=f"{len(copies)} runs as one",
+                    dynamic_ncols=True)  # fmt: skip
     vals: list[dict[str, float] | None] = [None] * len(copies)
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         if group.step >= total_steps:
             break
         train_loader.sampler.set_position(epoch, 0)
@@ -403,12 +469,34 @@ def train_group(
                 c.best = {"top1": vals[i]["top1"], "epoch": epoch, "step": group.step}
             c.rows.append({"epoch": epoch, "step": group.step, **train_stats[i],
                            **_prefixed(vals[i], "val_")})  # fmt: skip
+        if checkpoint is not None and (done or epoch % cfg.checkpoint_epochs == 0):
+            group.save(Path(checkpoint), epoch + 1, time.perf_counter() - clock, train_stats)
     progress.close()
     elapsed = time.perf_counter() - clock
     return [
         _write_run(group, i, vals[i] or _evaluate(group, i, val_loader), train_stats[i], elapsed)
         for i in range(len(copies))
     ]
+
+
+def _read_state(path: Path, configs: list[TrainConfig]) -> dict[str, Any] | None:
+    """The group state saved at ``path`` (None if there is none).
+
+    Raises:
+        ValueError: it was written for other configs (or is not a group state).
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file
+        raise ValueError(f"{path} cannot be read as a group checkpoint: {error}") from None
+    if state.get("configs") != [dataclasses.asdict(c) for c in configs]:
+        raise ValueError(
+            f"{path} was written for other configs; resume with the same configs (the same "
+            "--config, --set and --sweep), or remove it to start again"
+        )
+    return state
 
 
 def _epoch_stats(

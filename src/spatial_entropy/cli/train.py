@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=V1,V2,...",
         help="train one run per value (per combination, when repeated) as one vmapped step, "
         "written to RUN_DIR/KEY=VALUE; keys se.* and drloc.* only (a regulariser ablation or "
-        "a λ sweep: on a GPU K runs cost little more than one); no checkpoints, no --resume",
+        "a λ sweep: on a GPU K runs cost little more than one); the group's checkpoint is "
+        "RUN_DIR/group.pt (--resume auto continues it)",
     )
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
@@ -86,8 +87,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from spatial_entropy.grouped import GROUP_KEYS, train_group
 
-    if args.resume:
-        raise ValueError("--sweep trains a group, which writes no checkpoints: no --resume")
     axes = []
     for item in args.sweep:
         key, sep, values = item.partition("=")
@@ -100,7 +99,11 @@ def _sweep(args: argparse.Namespace) -> int:
     combos = list(itertools.product(*axes))
     configs = [load_config(args.config, [*args.overrides, *combo]) for combo in combos]
     dirs = [Path(args.output) / "_".join(combo) for combo in combos]
-    results = train_group(configs, dirs, overwrite=args.overwrite)
+    checkpoint = Path(args.output) / "group.pt"
+    resume = args.resume == "auto"
+    results = train_group(
+        configs, dirs, checkpoint=checkpoint, resume=resume, overwrite=args.overwrite
+    )
     for run_dir, metrics in zip(dirs, results, strict=True):
         print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss "
               f"{metrics['loss']:.4f}  ({metrics['steps']} steps) -> {run_dir}")  # fmt: skip
