@@ -33,7 +33,10 @@ JSON (``--results``, default the committed benchmarks/results/evidence_v2.json) 
 finishes, atomically (``se_val``'s three selection runs too, as units of their own); an
 invocation skips every run recorded there, so a fresh machine without ``runs/`` continues
 where the last one stopped. Runs go in seed order (seed 0 of every
-size and arm, then seed 1, ...), so a partial record stays paired.
+size and arm, then seed 1, ...), so a partial record stays paired. With ``--group`` the runs of
+a seed and size that differ only in their regularisers (`GROUPS`) train as one vmapped step
+(spatial_entropy.grouped, for a GPU) and are recorded one by one as usual, each saying it was
+a copy (``group``).
 
     timeout 150m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1  # CPU
     bash benchmarks/gpu_session.sh evidence 10                            # a lent GPU
