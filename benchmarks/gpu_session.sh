@@ -166,7 +166,8 @@ PY
 
 # use_group PROBE_JSON: "--group" when the probe's group_engine trained 4 copies in one
 # process at >= 1.5x the copy-steps per second of 1 (runs trained as one vmapped step pay on
-# this GPU), else nothing (runs alone, side by side)
+# this GPU), else nothing (runs alone, side by side). Conservative: the 4 copies are baseline,
+# se, drloc and se_drloc (the regularisers cost extra), the 1 is the baseline alone.
 use_group() {
     $py - "$1" <<'PY'
 import json, sys
