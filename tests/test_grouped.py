@@ -130,7 +130,10 @@ def test_cuda_group_step_synchronises_never(recipe, tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_each_copy_is_the_run_trained_alone(recipe, tmp_path) -> None:
+def test_cuda_each_copy_is_the_run_trained_alone(recipe, tmp_path, monkeypatch) -> None:
+    # float32 throughout: cuDNN's default TF32 convolutions would round the patch embedding of
+    # the grouped (vmapped) and the plain convolution differently at 1e-3
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cuda = recipe | {"device": "cuda", "amp": "off"}
     configs = [load_config(values=cuda | keys) for keys in ARMS.values()]
     train_group(configs, [tmp_path / "g" / arm for arm in ARMS])
