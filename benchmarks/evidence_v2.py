@@ -213,7 +213,9 @@ def train_selection(
     needs only the selection runs it lacks."""
     config = config_for(size, "se_val", seed, device, weight, speed)
     run_dir = run_dir_of(size, selection_arm(weight), seed, work_dir)
-    metrics = _train(config, run_dir, selection_datasets(config))
+    # finished (e.g. trained in a group): its metrics only, no images built again
+    datasets = None if _metrics(run_dir) is not None else selection_datasets(config)
+    metrics = _train(config, run_dir, datasets)
     return {
         "n_per_class": size.n_per_class, "epochs": size.epochs, "arm": selection_arm(weight),
         "seed": seed, "lambda": weight, "top1": metrics["top1"], "split": "validation (carved)",
