@@ -6,16 +6,27 @@ import sys
 
 import torch
 from timm.layers import Attention
-from timm.models.convit import MHSA
+from timm.models.convit import MHSA, ConVit
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["AttentionCapture", "PatchGridTracker", "unwrap_model"]
+__all__ = ["AttentionCapture", "PatchGridTracker", "num_prefix_tokens", "unwrap_model"]
 
 # Attention modules whose fused q/k/v projection `qkv` the capture reads: timm's ViT attention,
 # and ConViT's plain multi-head attention (its last blocks; the GPSA blocks before them are not).
 SUPPORTED_ATTENTION = (Attention, MHSA)
+
+
+def num_prefix_tokens(vit: nn.Module) -> int | None:
+    """The tokens before the patch grid in ``vit``'s sequence (class and register tokens):
+    timm's ``num_prefix_tokens``, or 1 for a ConViT of a timm older than 1.0.31, which prepends
+    its class token before the last blocks but does not have the attribute. ``None`` when
+    unknown."""
+    count = getattr(vit, "num_prefix_tokens", None)
+    if count is None and isinstance(vit, ConVit):
+        return 1
+    return count if isinstance(count, int) else None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -140,7 +151,7 @@ class AttentionCapture:
             or len(blocks) == 0
             or not isinstance(getattr(blocks[-1], "attn", None), SUPPORTED_ATTENTION)
             or not hasattr(patch_embed, "dynamic_feat_size")
-            or not hasattr(vit, "num_prefix_tokens")
+            or num_prefix_tokens(vit) is None
         ):
             raise TypeError(
                 "AttentionCapture expects a timm VisionTransformer-style model (blocks[-1].attn a "
@@ -152,7 +163,7 @@ class AttentionCapture:
             raise ValueError("spatial entropy needs a [CLS] query; this model has none")
 
         self._attn: Attention | MHSA = blocks[-1].attn
-        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.num_prefix_tokens: int = num_prefix_tokens(vit)
         self.num_heads: int = self._attn.num_heads
         self._head_dim: int = self._attn.qkv.out_features // (3 * self.num_heads)
         # ConViT's attention has no q/k normalisation.

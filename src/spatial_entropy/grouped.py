@@ -54,7 +54,7 @@ from torch.func import functional_call, vmap
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from spatial_entropy.attention import AttentionCapture
+from spatial_entropy.attention import AttentionCapture, num_prefix_tokens
 from spatial_entropy.checkpoint import save_weights
 from spatial_entropy.config import TrainConfig, config_changes, save_config
 from spatial_entropy.distributed import DistributedInfo, resolve_device
@@ -293,7 +293,7 @@ class _Group:
     def _drloc_term(self, tokens: Tensor, grid: tuple[int, int], stats: list[dict]) -> Tensor:
         """``sum_k w_k DRLoc_k`` over the copies with DRLoc, each with its own head and pairs."""
         copies = [self.copies[i] for i in self.with_drloc]
-        prefix = self.skeleton.vit.num_prefix_tokens
+        prefix = num_prefix_tokens(self.skeleton.vit)
         patch_tokens = tokens[self.drloc_index][:, :, prefix:]  # (Kd, B, N, D)
         batch = patch_tokens.shape[1]
         positions = torch.stack([

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from spatial_entropy.attention import AttentionCapture, PatchGridTracker, unwrap_model
+from spatial_entropy.attention import (
+    AttentionCapture,
+    PatchGridTracker,
+    num_prefix_tokens,
+    unwrap_model,
+)
 from spatial_entropy.drloc import DRLocHead, drloc_loss, sample_position_pairs
 from spatial_entropy.entropy import SpatialEntropyLoss, se_weight
 
@@ -190,7 +195,7 @@ class DRLocRegularizer:
         if (
             not hasattr(patch_embed, "dynamic_feat_size")
             or not isinstance(norm, nn.Module)
-            or not isinstance(getattr(vit, "num_prefix_tokens", None), int)
+            or num_prefix_tokens(vit) is None
             or not isinstance(embed_dim, int)
         ):
             raise TypeError(
@@ -199,7 +204,7 @@ class DRLocRegularizer:
                 f"but got {type(vit).__name__}"
             )
         self.remove()
-        self._num_prefix_tokens = vit.num_prefix_tokens
+        self._num_prefix_tokens = num_prefix_tokens(vit)
         self._grid = PatchGridTracker(patch_embed)
         self._handles = [norm.register_forward_hook(self._on_norm)]
         reference = next(vit.parameters())
