@@ -417,9 +417,14 @@ def execute(
     run_fn: Callable[..., dict] | None = None,
     order: Callable[[tuple[Size, str, int]], tuple] | None = None,
     on_result: Callable[[tuple[Size, str, int], dict], None] | None = None,
+    duration: Callable[[tuple[Size, str, int]], float] | None = None,
 ) -> int:
     """Run (or read back) every run, ``jobs`` at a time in worker processes; start none after
     ``time_budget_s``. Returns how many runs were left unstarted.
+
+    ``duration(run)``: its expected seconds; with a time budget, a run starts only if it is
+    expected to finish within it (the next one in order that fits starts instead), so that a
+    machine lent for minutes spends none of them on runs that would be cut off unrecorded.
 
     ``run_fn(size, arm, seed, work_dir, variant, device)`` (default `run_one`; a module-level
     function, for the worker processes) does one run (or several: a list of results, each
@@ -463,14 +468,24 @@ def execute(
     def time_left() -> bool:
         return time_budget_s is None or time.perf_counter() - start < time_budget_s
 
+    def next_run() -> tuple[Size, str, int] | None:
+        """The first queued run that may start now (it fits in the time left), taken off."""
+        if not time_left():
+            return None
+        left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - start)
+        for i, run in enumerate(queue):
+            if left is None or duration is None or duration(run) <= left:
+                return queue.pop(i)
+        return None
+
     def failed(run: tuple[Size, str, int], error: BaseException) -> None:
         size, arm, seed = run
         print(f"n={size.n_per_class} {arm} seed {seed} FAILED (not recorded): "
               f"{type(error).__name__}: {error}", flush=True)  # fmt: skip
 
     if jobs <= 1:
-        while queue and time_left():
-            run, t0 = queue.pop(0), time.perf_counter()
+        while (run := next_run()) is not None:
+            t0 = time.perf_counter()
             try:
                 result = run_fn(*run, work_dir, variant, device)
             except Exception as error:  # one failed run must not stop the others
@@ -484,8 +499,7 @@ def execute(
                              initargs=(threads,)) as pool:  # fmt: skip
         running: dict[Future, tuple[tuple[Size, str, int], float]] = {}
         while queue or running:
-            while queue and len(running) < jobs and time_left():
-                run = queue.pop(0)
+            while len(running) < jobs and (run := next_run()) is not None:
                 future = pool.submit(run_fn, *run, work_dir, variant, device)
                 running[future] = (run, time.perf_counter())
             if not running:

@@ -308,6 +308,18 @@ def train_as_group(
     )  # fmt: skip
 
 
+# A run's seconds beside its steps: building the scenes, the final evaluations, the model.
+RUN_OVERHEAD_S = 30.0
+
+
+def expected_seconds(run: tuple[Size, str, int], step_seconds: float) -> float:
+    """A unit's expected wall time at ``step_seconds`` per (group) step: its full length in
+    steps (a pilot may stop sooner; a selection run has fewer images), plus `RUN_OVERHEAD_S`."""
+    size = run[0]
+    batch = config_for(size, "baseline", 0, "cpu").batch_size
+    return RUN_OVERHEAD_S + size.epochs * (10 * size.n_per_class // batch) * step_seconds
+
+
 def select_lambda(scores: dict[float, float]) -> dict:
     """``se_val``'s λ from the validation top-1 of each of ``VAL_LAMBDAS``: the best, ties
     to the smaller λ."""
@@ -749,6 +761,9 @@ def main() -> None:
                         "regularisers as one vmapped step (GROUPS; speed on a GPU)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
+    parser.add_argument("--step-seconds", type=float, default=None, metavar="S",
+                        help="with --time-budget: start only a run (group, pilot) expected "
+                        f"to finish in time, at S s per step plus {RUN_OVERHEAD_S} s")  # fmt: skip
     parser.add_argument("--pilot-epochs", type=int, default=None,
                         help="smoke tests only: override the pilot's length")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print the report")
@@ -806,6 +821,8 @@ def main() -> None:
             pilots + units, args.work_dir, variant=Variant(img_size=IMG_SIZE),
             device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
             order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
+            duration=None if args.step_seconds is None else
+            functools.partial(expected_seconds, step_seconds=args.step_seconds),
         )  # fmt: skip
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # The GPU work of a session that is lent a CUDA machine, as one prepared script.
 #
-#   bash benchmarks/gpu_session.sh session SECONDS   # within SECONDS: CUDA tests, short probe, evidence
+#   bash benchmarks/gpu_session.sh session SECONDS   # within SECONDS: CUDA tests, evidence
 #   bash benchmarks/gpu_session.sh checks            # CUDA tests, full probe, loss speed, smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
 #                                                    # JOBS=N: runs side by side (default 8);
 #                                                    # GROUP=1: runs of a seed as one step
+#   bash benchmarks/gpu_session.sh groups K...       # K groups of 4 copies side by side
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
-# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests and a
-# short probe (benchmarks/gpu_probe.py: one step's time and kernels, 1-16 copies of the model as
-# one vmapped step, 1 and 4 runs trained as one group, 1/6/12 engine runs side by side), about
-# 2 minutes; then, if at least 4 minutes are left, the evidence run for the time left, with as
-# many runs side by side as the probe found fastest, and with --group (the runs of a seed and
-# size that differ only in their regularisers as one vmapped step, spatial_entropy.grouped) if
-# 4 copies as one group trained at >= 1.5x the rate of 1 (DataLoaders if the device batches
-# failed their CUDA test). The evidence
-# record is itself the measurement of that arrangement (each run's steps and training time).
+# `session` is what a lent GPU should run (one call, one machine start): the CUDA tests (about
+# 30 s), then the evidence run for the time left: 8 processes side by side (JOBS), with --group
+# (the runs of a seed and size that differ only in their regularisers as one vmapped step,
+# spatial_entropy.grouped) where the committed probe found 4 copies as one group at >= 1.5x the
+# rate of 1 (benchmarks/results/gpu_probe_session_cuda.json: 2.95x on an H200), and starting
+# only a unit expected to finish at STEP_SECONDS (default 0.12) per step (DataLoaders if the
+# device batches failed their CUDA test). PROBE=1 measures first instead (a short probe,
+# about 2 minutes: one step's time and kernels, 1-16 copies of the model as one vmapped step,
+# 1 and 4 runs trained as one group, 1/6/12 engine runs side by side) and runs as many
+# processes as its engine_parallel found fastest. The evidence record is itself the
+# measurement of that arrangement (each run's steps and training time).
 # It ends by itself about 20 s before SECONDS and leaves in $OUT:
-#   checks.txt            the CUDA tests and the probe as printed
-#   gpu_probe.json        the probe's rows
+#   checks.txt            the CUDA tests (and the probe, PROBE=1) as printed
+#   gpu_probe.json        the probe's rows (PROBE=1)
 #   evidence_v2.json/.md  the record (continuing the committed one) and its report
 #   evidence.log          the evidence run's lines, then GPU utilisation every 10 s during it
 # (the plot is left out: `evidence_v2.py --report` draws it again from the JSON)
@@ -61,7 +64,8 @@ else
     speed=()
     # runs side by side, one process each, their data on the GPU (no loader processes); the
     # session replaces 8 with the count the probe's engine_parallel found fastest
-    evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group})
+    evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
+        --step-seconds "${STEP_SECONDS:-0.12}")
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
     quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5)
@@ -182,23 +186,37 @@ PY
 case "${1:-checks}" in
 session)
     total=${2:?usage: $0 session SECONDS}
+    # PROBE=1: measure again how the evidence should run (about 2 minutes); otherwise the
+    # committed measurements decide it (benchmarks/results/gpu_probe_session_cuda.json and
+    # gpu_groups_side_by_side_cuda.txt, an H200 on 2026-11-28), and the minutes go to runs
+    probe_json=benchmarks/results/gpu_probe_session_cuda.json
     {
         cuda_tests
-        # only what decides how the evidence runs (a step's device time alone and as vmapped
-        # copies; how many runs side by side pay): every other second goes to the evidence,
-        # whose record is itself the measurement of runs side by side (steps, train_time_s)
-        echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
-        timeout 200 $py benchmarks/gpu_probe.py --device $device --parts step models_batched \
-            group_engine engine_parallel "${quick_probe[@]}" --out "$OUT/gpu_probe.json" 2>&1 \
-            | strip | cut -c1-400
+        if [ -n "${PROBE:-}" ] || [ $device = cpu ]; then
+            # only what decides how the evidence runs (a step's device time alone and as
+            # vmapped copies; how many runs side by side pay)
+            echo "== where a small model's step goes (benchmarks/gpu_probe.py)"
+            timeout 200 $py benchmarks/gpu_probe.py --device $device --parts step \
+                models_batched group_engine engine_parallel "${quick_probe[@]}" \
+                --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
+            probe_json=$OUT/gpu_probe.json
+        fi
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
-    if [ $device = cuda ]; then  # as many runs side by side as gave the most steps per second
-        jobs=$(best_jobs "$OUT/gpu_probe.json")
-        group=$(use_group "$OUT/gpu_probe.json")
-        evidence_extra=(--jobs "$jobs" --threads 1 $group)
-        echo "== evidence with $jobs runs side by side ${group:-(no groups)} (gpu_probe.json," \
-            "engine_parallel, group_engine) $(data_flags)"
+    if [ $device = cuda ]; then
+        group=$(use_group "$probe_json")
+        if [ -n "${PROBE:-}" ]; then  # as many runs side by side as gave the most steps/s
+            jobs=$(best_jobs "$probe_json")
+        else
+            # 8 processes: 6 groups of 4 side by side ran at 0.09-0.10 s per group step
+            # (267 copy-steps/s together), 12 runs alone at 0.07-0.10 s per step (125 steps/s);
+            # a group in a mix of 12 processes could not finish 2,800 steps in 7 minutes
+            jobs=${JOBS:-8}
+        fi
+        # start only a unit expected to finish: a group or run at STEP_SECONDS per step
+        evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.12}")
+        echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
+            "$(data_flags)"
     fi
     left=$((total - (SECONDS - start) - 20))
     if [ $left -lt 240 ]; then  # too little for any run to finish: nothing would be recorded
@@ -232,6 +250,22 @@ evidence)
     nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/evidence_gpu.txt" 2>&1
     evidence $((${2:-10} * 60 - 15))
     ;;
+groups)
+    # each K: K processes side by side, each training 4 copies as one group (gpu_probe.py
+    # group_engine: baseline, se, drloc, se_drloc, 6 epochs): seconds per group step of each
+    shift
+    ks=("$@")
+    [ ${#ks[@]} -gt 0 ] || ks=(3 6)
+    for k in "${ks[@]}"; do
+        for i in $(seq "$k"); do
+            timeout 75 $py benchmarks/gpu_probe.py --device $device --parts group_engine \
+                --copies-at-once 4 --engine-epochs 6 > "/tmp/groups${k}_$i.log" 2>&1 &
+        done
+        wait
+        echo "== $k groups of 4 side by side"
+        grep -h "^{'copies'" /tmp/groups"${k}"_*.log
+    done 2>&1 | tee "$OUT/groups_side_by_side.txt"
+    ;;
 levers)
     minutes=${2:-4}
     common=(--device cuda --threads 1 --time-budget "$minutes" --out-dir /tmp/levers)
@@ -252,7 +286,7 @@ print(len(runs), "finished runs")
 PY
     ;;
 *)
-    echo "usage: $0 session SECONDS | checks | evidence MINUTES | levers MINUTES" >&2
+    echo "usage: $0 session SECONDS | checks | evidence MINUTES | groups K... | levers MINUTES" >&2
     exit 2
     ;;
 esac

@@ -88,6 +88,34 @@ def test_execute_order_and_time_budget(bench, tmp_path, monkeypatch) -> None:
     assert left == len(plan.runs) and calls == []
 
 
+def test_execute_starts_only_runs_expected_to_finish_in_the_budget(bench, tmp_path, monkeypatch):
+    # a clock that each run advances by its own length: n = 100 runs take 60 s, n = 50 runs 20 s
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    seconds = {50: 20.0, 100: 60.0}
+    calls = []
+
+    def run_fn(size, arm, seed, work_dir, variant, device):
+        calls.append((size.n_per_class, arm, seed))
+        clock["now"] += seconds[size.n_per_class]
+        return result(size.n_per_class, arm, seed, 50.0)
+
+    plan = bench.Plan((bench.Size(100, 1, 1), bench.Size(50, 1, 2)), ["baseline", "se"], False)
+    left = bench.execute(plan.runs, tmp_path, variant=bench.Variant(), device="cpu", jobs=1,
+                         threads=None, time_budget_s=100, run_fn=run_fn,
+                         duration=lambda run: seconds[run[0].n_per_class])  # fmt: skip
+    # in order: n = 50 seed 0 (20 s), seed 1's two (40 s) ... the n = 100 runs come after, at
+    # 80 s of 100 neither fits (60 s) though time is left, and no run is cut off
+    assert calls == [(50, "baseline", 0), (50, "se", 0), (50, "baseline", 1), (50, "se", 1)]
+    assert left == 2 and clock["now"] == 80.0
+    # without the estimate the first n = 100 run would start at 80 s and end past the budget
+    calls.clear()
+    clock["now"] = 0.0
+    bench.execute(plan.runs, tmp_path, variant=bench.Variant(), device="cpu", jobs=1,
+                  threads=None, time_budget_s=100, run_fn=run_fn)  # fmt: skip
+    assert calls[-1] == (100, "baseline", 0) and clock["now"] == 140.0
+
+
 def test_a_failed_run_is_reported_and_the_others_go_on(bench, tmp_path, capsys) -> None:
     recorded = []
 

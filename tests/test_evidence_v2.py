@@ -434,3 +434,12 @@ def test_a_group_unit_trains_its_runs_together_and_records_each(
     # a second call reads the results back: nothing trains again
     assert ev.run_arm(size, "group:baseline+se+drloc", 0, work, ev.Variant(), "cpu") == results
     assert len(grouped) == 1
+
+
+def test_a_units_expected_seconds_by_hand(ev) -> None:
+    # 500 images at batch 64: 7 full steps an epoch; 1,000 images: 15
+    assert ev.expected_seconds((ev.Size(50, 400, 5), "baseline", 0), 0.1) == pytest.approx(
+        ev.RUN_OVERHEAD_S + 400 * 7 * 0.1
+    )
+    group = (ev.Size(100, 400, 5), "group:baseline+se", 1)  # a group step counts once
+    assert ev.expected_seconds(group, 0.2) == pytest.approx(ev.RUN_OVERHEAD_S + 400 * 15 * 0.2)
