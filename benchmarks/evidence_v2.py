@@ -764,6 +764,9 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=None, metavar="S",
                         help="with --time-budget: start only a run (group, pilot) expected "
                         f"to finish in time, at S s per step plus {RUN_OVERHEAD_S} s")  # fmt: skip
+    parser.add_argument("--pilots-only", action="store_true",
+                        help="run the sizes' pending pilots and nothing else (e.g. a long "
+                        "pilot on the CPU for the GPU record, across sessions)")  # fmt: skip
     parser.add_argument("--pilot-epochs", type=int, default=None,
                         help="smoke tests only: override the pilot's length")  # fmt: skip
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print the report")
@@ -809,6 +812,7 @@ def main() -> None:
     # (a pilot, the last selection run of a seed) is followed by another.
     while True:
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
+        runs = [] if args.pilots_only else runs
         if not pilots + runs or (budget_left() is not None and budget_left() <= 0):
             break
         selections = {
