@@ -315,9 +315,14 @@ RUN_OVERHEAD_S = 30.0
 def expected_seconds(run: tuple[Size, str, int], step_seconds: float) -> float:
     """A unit's expected wall time at ``step_seconds`` per (group) step: its full length in
     steps (a pilot may stop sooner; a selection run has fewer images), plus `RUN_OVERHEAD_S`."""
-    size = run[0]
+    return RUN_OVERHEAD_S + _full_steps(run[0]) * step_seconds
+
+
+@functools.cache
+def _full_steps(size: Size) -> int:
+    """Optimiser steps of a run of ``size`` at its full length (10 classes, full batches)."""
     batch = config_for(size, "baseline", 0, "cpu").batch_size
-    return RUN_OVERHEAD_S + size.epochs * (10 * size.n_per_class // batch) * step_seconds
+    return size.epochs * (10 * size.n_per_class // batch)
 
 
 def select_lambda(scores: dict[float, float]) -> dict:

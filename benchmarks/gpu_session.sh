@@ -62,8 +62,8 @@ if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
 else
     device=cuda
     speed=()
-    # runs side by side, one process each, their data on the GPU (no loader processes); the
-    # session replaces 8 with the count the probe's engine_parallel found fastest
+    # runs side by side, one process each, their data on the GPU (no loader processes); with
+    # PROBE=1 the session replaces 8 with the count the probe's engine_parallel found fastest
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
         --step-seconds "${STEP_SECONDS:-0.12}")
     probe=(--runs-at-once 1 4 8 16)
