@@ -305,6 +305,7 @@ def train_as_group(
         configs, [run_dir_of(size, arm, seed, work_dir) for arm in arms],
         checkpoint=root / "groups" / f"{'+'.join(arms)}_seed{seed}.pt", resume=True,
         overwrite=True, datasets=datasets,
+        **{k: v for k, v in (speed or {}).items() if k in GROUP_SPEED_KEYS},
     )  # fmt: skip
 
 
@@ -395,13 +396,16 @@ def run_arm(
 
 SPEED_KEYS = ("num_workers", "data_on_device")
 """Config keys a run may take from the command line: they change its speed, not its result."""
+GROUP_SPEED_KEYS = ("fused_attention",)
+"""Likewise for a group (`train_group`'s keyword arguments), not config keys."""
 
 
 def _speed(speed: dict | None) -> dict:
-    unknown = set(speed or {}) - set(SPEED_KEYS)
+    """The config keys of ``speed`` (`SPEED_KEYS`), with the default of ``num_workers``."""
+    unknown = set(speed or {}) - set(SPEED_KEYS) - set(GROUP_SPEED_KEYS)
     if unknown:
         raise ValueError(f"not speed-only config keys: {sorted(unknown)}; {SPEED_KEYS} are")
-    return {"num_workers": 0} | dict(speed or {})
+    return {"num_workers": 0} | {k: v for k, v in (speed or {}).items() if k in SPEED_KEYS}
 
 
 def device_name(device: str) -> str:
@@ -764,6 +768,9 @@ def main() -> None:
     parser.add_argument("--group", action="store_true",
                         help="train the runs of a seed and size that differ only in their "
                         "regularisers as one vmapped step (GROUPS; speed on a GPU)")  # fmt: skip
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="with --group: attention by the fused kernel under vmap (batched "
+                        "on CUDA; speed only, rounding aside)")  # fmt: skip
     parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
     parser.add_argument("--step-seconds", type=float, default=None, metavar="S",
@@ -801,7 +808,8 @@ def main() -> None:
             else args.time_budget * 60 - (time.perf_counter() - start)
         )
 
-    speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device}
+    speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device,
+             "fused_attention": args.fused_attention}  # fmt: skip
     # how the run was executed (its speed, not its result): with train_time_s and steps, the
     # record measures the seconds per step of that arrangement
     execution = {"jobs": args.jobs, "threads": args.threads, "group": args.group} | speed

@@ -27,7 +27,8 @@ Measures, in one process and side by side:
   and per copy, kernels and device time;
 - 1 and 4 runs of the evidence configuration trained by ``spatial_entropy.grouped`` as one
   group (``group_engine``): seconds per step of the group and per copy, copy-steps per second
-  (to set beside ``engine_parallel``'s runs side by side).
+  (to set beside ``engine_parallel``'s runs side by side); with ``--group-attention explicit
+  fused``, both ways of computing the group's attention.
 
 On a CPU (``--device cpu``) the CUDA-only rows are skipped: a dry run of the script.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import statistics
 import time
@@ -421,12 +423,15 @@ def engine_parallel(device: str, counts=(1, 2, 4, 8), epochs: int = 10) -> list[
     return rows
 
 
-def group_engine(device: str, counts=(1, 4), epochs: int = 5) -> list[dict]:
+def group_engine(
+    device: str, counts=(1, 4), epochs: int = 5, attention=("explicit",)
+) -> list[dict]:
     """The evidence configuration (n = 50, seed 0) trained by `spatial_entropy.grouped` as K
     copies in one process (the arms baseline, se, drloc, se_drloc in turn) for ``epochs``
     epochs: seconds per step of the group and per copy (median epoch time after the first,
     over 7 steps an epoch), and copy-steps per second, to set beside `engine_parallel`'s runs
-    side by side."""
+    side by side; for each ``attention`` ("explicit", "fused": `train_group`'s
+    ``fused_attention``) in turn."""
     import dataclasses
     import shutil
     import sys
@@ -438,7 +443,7 @@ def group_engine(device: str, counts=(1, 4), epochs: int = 5) -> list[dict]:
 
     size, arms = ev.Size(50, 400, 1), ("baseline", "se", "drloc", "se_drloc")
     rows = []
-    for k in counts:
+    for mode, k in itertools.product(attention, counts):
         configs = [
             dataclasses.replace(  # evaluated once, at the end, on 5 % of the test split
                 ev.config_for(size, arms[i % 4], 0, device),
@@ -449,13 +454,14 @@ def group_engine(device: str, counts=(1, 4), epochs: int = 5) -> list[dict]:
         ]
         root = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         try:
-            train_group(configs, [root / str(i) for i in range(k)])
+            train_group(configs, [root / str(i) for i in range(k)],
+                        fused_attention=mode == "fused")  # fmt: skip
             with open(root / "0" / "log.csv", newline="") as f:
                 times = [float(r["epoch_time_s"]) for r in csv.DictReader(f)][1:]
         finally:
             shutil.rmtree(root, ignore_errors=True)
         group_step = statistics.median(times) / 7
-        rows.append({"copies": k, "s_per_group_step": group_step,
+        rows.append({"copies": k, "attention": mode, "s_per_group_step": group_step,
                      "s_per_copy_step": group_step / k,
                      "copy_steps_per_s": k / group_step})  # fmt: skip
         print(rows[-1], flush=True)
@@ -478,6 +484,8 @@ def main() -> None:
     parser.add_argument(
         "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
     )
+    parser.add_argument("--group-attention", nargs="+", default=["explicit"],
+                        choices=["explicit", "fused"], help="of group_engine")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
@@ -496,7 +504,7 @@ def main() -> None:
             args.device, args.runs_at_once, args.engine_epochs
         ),
         "group_engine": lambda: group_engine(
-            args.device, args.copies_at_once, max(2, args.engine_epochs)
+            args.device, args.copies_at_once, max(2, args.engine_epochs), args.group_attention
         ),
     }
     unknown = set(args.parts or ()) - set(parts)

@@ -7,10 +7,13 @@
 #                                                    # JOBS=N: runs side by side (default 8);
 #                                                    # GROUP=1: runs of a seed as one step
 #   bash benchmarks/gpu_session.sh groups K...       # K groups of 4 copies side by side
+#                                                    # (FUSED=1: fused attention kernel)
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests (about
-# 30 s), then the evidence run for the time left: 8 processes side by side (JOBS), with --group
+# 30 s), a group of 4 copies with explicit and with fused attention (about 40 s; the evidence's
+# groups use the fused kernel if it took <= 0.9x the time, `--fused-attention`), then the
+# evidence run for the time left: 8 processes side by side (JOBS), with --group
 # (the runs of a seed and size that differ only in their regularisers as one vmapped step,
 # spatial_entropy.grouped) where the committed probe found 4 copies as one group at >= 1.5x the
 # rate of 1 (benchmarks/results/gpu_probe_session_cuda.json: 2.95x on an H200), and starting
@@ -21,7 +24,8 @@
 # processes as its engine_parallel found fastest. The evidence record is itself the
 # measurement of that arrangement (each run's steps and training time).
 # It ends by itself about 20 s before SECONDS and leaves in $OUT:
-#   checks.txt            the CUDA tests (and the probe, PROBE=1) as printed
+#   checks.txt            the CUDA tests, the attention A/B (and the probe, PROBE=1) as printed
+#   group_attention.json  the attention A/B's rows (gpu_probe.json with PROBE=1)
 #   gpu_probe.json        the probe's rows (PROBE=1)
 #   evidence_v2.json/.md  the record (continuing the committed one) and its report
 #   evidence.log          the evidence run's lines, then GPU utilisation every 10 s during it
@@ -68,7 +72,8 @@ else
         --step-seconds "${STEP_SECONDS:-0.12}")
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
-    quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5)
+    quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5
+        --group-attention explicit fused)
 fi
 if [ -d .gpu_data ]; then  # Fashion-MNIST carried with the working tree
     export SPATIAL_ENTROPY_CACHE=${SPATIAL_ENTROPY_CACHE:-/tmp/se_cache}
@@ -176,8 +181,23 @@ use_group() {
     $py - "$1" <<'PY'
 import json, sys
 try:
-    rows = {r["copies"]: r["copy_steps_per_s"] for r in json.load(open(sys.argv[1]))["group_engine"]}
+    rows = {r["copies"]: r["copy_steps_per_s"] for r in json.load(open(sys.argv[1]))["group_engine"]
+            if r.get("attention", "explicit") == "explicit"}
     print("--group" if rows[4] >= 1.5 * rows[1] else "")
+except Exception:
+    print("")
+PY
+}
+
+# use_fused JSON: "--fused-attention" when group_engine's group of 4 copies took at most 0.9x
+# the seconds per group step with the fused attention kernel as with explicit attention
+use_fused() {
+    $py - "$1" <<'PY'
+import json, sys
+try:
+    rows = {r.get("attention", "explicit"): r["s_per_group_step"]
+            for r in json.load(open(sys.argv[1]))["group_engine"] if r["copies"] == 4}
+    print("--fused-attention" if rows["fused"] <= 0.9 * rows["explicit"] else "")
 except Exception:
     print("")
 PY
@@ -200,6 +220,13 @@ session)
                 models_batched group_engine engine_parallel "${quick_probe[@]}" \
                 --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
             probe_json=$OUT/gpu_probe.json
+            attention_json=$probe_json
+        else  # about 40 s: a group's attention, explicit against the fused kernel under vmap
+            echo "== a group of 4 copies, explicit against fused attention (gpu_probe.py)"
+            timeout 100 $py benchmarks/gpu_probe.py --device $device --parts group_engine \
+                --copies-at-once 4 --group-attention explicit fused --engine-epochs 4 \
+                --out "$OUT/group_attention.json" 2>&1 | strip | cut -c1-400
+            attention_json=$OUT/group_attention.json
         fi
     } > "$OUT/checks.txt" 2>&1
     cat "$OUT/checks.txt" | tail -30
@@ -213,6 +240,7 @@ session)
             # a group in a mix of 12 processes could not finish 2,800 steps in 7 minutes
             jobs=${JOBS:-8}
         fi
+        [ -n "$group" ] && group="$group $(use_fused "$attention_json")"
         # start only a unit expected to finish: a group or run at STEP_SECONDS per step
         evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.12}")
         echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
@@ -259,7 +287,8 @@ groups)
     for k in "${ks[@]}"; do
         for i in $(seq "$k"); do
             timeout 75 $py benchmarks/gpu_probe.py --device $device --parts group_engine \
-                --copies-at-once 4 --engine-epochs 6 > "/tmp/groups${k}_$i.log" 2>&1 &
+                --copies-at-once 4 --engine-epochs 6 ${FUSED:+--group-attention fused} \
+                > "/tmp/groups${k}_$i.log" 2>&1 &
         done
         wait
         echo "== $k groups of 4 side by side"

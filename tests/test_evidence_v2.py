@@ -195,7 +195,7 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     assert all(r["epochs"] == 7 for r in record["runs"])  # the pilot's choice, frozen
     # each run says how it was executed: its seconds per step are read with that
     execution = {"jobs": 1, "threads": None, "group": False, "num_workers": 0,
-                 "data_on_device": "auto"}  # fmt: skip
+                 "data_on_device": "auto", "fused_attention": False}  # fmt: skip
     assert all(r["execution"] == execution for r in [*record["runs"], record["pilot"]["50"]])
     # a fresh machine (another work dir) with one more seed: only seed 2 is run
     calls.clear()
@@ -435,12 +435,17 @@ def test_a_group_unit_trains_its_runs_together_and_records_each(
 
     def spy(configs, dirs, **kwargs):
         grouped.append(dirs)
+        fused.append(kwargs.get("fused_attention"))
         return train_group(configs, dirs, **kwargs)
 
+    fused = []
     monkeypatch.setattr(ev, "train_group", spy)
-    results = ev.run_arm(size, "group:baseline+se+drloc", 0, work, ev.Variant(), "cpu")
+    # a speed key of groups (not a config key) reaches the group, and not the run alone
+    speed = {"num_workers": 0, "fused_attention": True}
+    results = ev.run_arm(size, "group:baseline+se+drloc", 0, work, ev.Variant(), "cpu", speed)
     assert [r["arm"] for r in results] == ["baseline", "se", "drloc"]
     assert grouped == [[ev.run_dir_of(size, a, 0, work) for a in ("baseline", "drloc")]]
+    assert fused == [True]
     assert [r.get("group") for r in results] == [
         {"copies": 2, "index": 0},
         None,

@@ -48,9 +48,11 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_each_copy_is_the_run_trained_alone(recipe, tmp_path):
+@pytest.mark.parametrize("fused_attention", [False, True])
+def test_each_copy_is_the_run_trained_alone(recipe, tmp_path, fused_attention):
     configs = {arm: load_config(values=recipe | keys) for arm, keys in ARMS.items()}
-    grouped = train_group(list(configs.values()), [tmp_path / "g" / arm for arm in ARMS])
+    grouped = train_group(list(configs.values()), [tmp_path / "g" / arm for arm in ARMS],
+                          fused_attention=fused_attention)  # fmt: skip
     for (arm, config), metrics in zip(configs.items(), grouped, strict=True):
         alone = train(config, tmp_path / "alone" / arm)
         ours = load_weights(tmp_path / "g" / arm / "model.safetensors")
@@ -103,7 +105,9 @@ def test_refusals_leave_runs_as_they_were(recipe, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_group_step_synchronises_never(recipe, tmp_path) -> None:
+@pytest.mark.parametrize("fused_attention", [False, True])
+def test_cuda_group_step_synchronises_never(recipe, tmp_path, fused_attention) -> None:
+    # and runs every op batched: vmap warns when it falls back to a loop over the copies
     import warnings
 
     from spatial_entropy.grouped import _build_copy, _Group
@@ -112,7 +116,7 @@ def test_cuda_group_step_synchronises_never(recipe, tmp_path) -> None:
     configs = [load_config(values=cuda | keys) for keys in ARMS.values()]
     copies = [_build_copy(c, tmp_path / str(i), 10, 1, torch.device("cuda"))
               for i, c in enumerate(configs)]  # fmt: skip
-    group = _Group(copies, 10, steps_per_epoch=4)
+    group = _Group(copies, 10, steps_per_epoch=4, fused_attention=fused_attention)
     images = torch.rand(10, 1, 16, 16, device="cuda")
     targets = torch.arange(10, device="cuda")
     group.train_step(images, targets, 0, 0, 4)  # first step: lazy state (AdamW's moments)
@@ -126,17 +130,22 @@ def test_cuda_group_step_synchronises_never(recipe, tmp_path) -> None:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert syncs == []
+    loops = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert loops == []
     assert all(torch.isfinite(c.sums["loss"]) for c in copies)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_each_copy_is_the_run_trained_alone(recipe, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("fused_attention", [False, True])
+def test_cuda_each_copy_is_the_run_trained_alone(
+    recipe, tmp_path, monkeypatch, fused_attention
+) -> None:
     # float32 throughout: cuDNN's default TF32 convolutions would round the patch embedding of
     # the grouped (vmapped) and the plain convolution differently at 1e-3
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cuda = recipe | {"device": "cuda", "amp": "off"}
     configs = [load_config(values=cuda | keys) for keys in ARMS.values()]
-    train_group(configs, [tmp_path / "g" / arm for arm in ARMS])
+    train_group(configs, [tmp_path / "g" / arm for arm in ARMS], fused_attention=fused_attention)
     for arm, config in zip(ARMS, configs, strict=True):
         train(config, tmp_path / "alone" / arm)
         ours = load_weights(tmp_path / "g" / arm / "model.safetensors")

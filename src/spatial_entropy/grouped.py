@@ -18,9 +18,11 @@ What a copy shares with the same config trained alone by :func:`~spatial_entropy
 initial weights (and DRLoc head), data order and augmentation, drop-path draws (vmap's
 ``randomness="same"``: one draw per step, the draw a run alone makes), DRLoc's position pairs,
 the optimiser's update (element-wise on the stacked tensors; only element-wise optimisers are
-accepted) and schedule. What differs is rounding: batched matrix products, and the attention
-computed explicitly rather than by the fused kernel (vmap has no batching rule for it on
-CPU). So a copy is close to the run alone, not bit-equal (tested against the engine).
+accepted) and schedule. What differs is rounding: batched matrix products, and, by default,
+the attention computed explicitly rather than by the fused kernel (vmap has no batching rule
+for it on the CPU, where it runs copy by copy). ``fused_attention=True`` keeps the fused kernel,
+which vmap batches in one call on CUDA (flash, memory-efficient and cuDNN attention). So a copy
+is close to the run alone, not bit-equal (tested against the engine, both ways).
 
 With a ``checkpoint`` file the group saves its whole state where a run alone would save
 (``checkpoint_epochs``) and resumes from it bit for bit.
@@ -157,13 +159,13 @@ def _stack(modules: Sequence[nn.Module], prefix: str = "") -> dict[str, Tensor]:
     }
 
 
-def _skeleton(module: nn.Module) -> nn.Module:
+def _skeleton(module: nn.Module, fused_attention: bool = False) -> nn.Module:
     """A parameter-free copy of ``module`` (on the meta device) for ``functional_call``, with
-    explicit attention (vmap batches it on every device)."""
+    explicit attention (vmap batches it on every device) unless ``fused_attention``."""
     skeleton = copy.deepcopy(module).to("meta")
     for sub in skeleton.modules():
         if hasattr(sub, "fused_attn"):
-            sub.fused_attn = False
+            sub.fused_attn = fused_attention
     return skeleton
 
 
@@ -198,7 +200,13 @@ def _optimizer(
 class _Group:
     """The stacked state of the copies and the vmapped step."""
 
-    def __init__(self, copies: list[_Copy], num_classes: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        copies: list[_Copy],
+        num_classes: int,
+        steps_per_epoch: int,
+        fused_attention: bool = False,
+    ) -> None:
         self.copies = copies
         cfg = copies[0].config
         norms = [
@@ -217,7 +225,7 @@ class _Group:
             "vit." + name: torch.stack([c.model.get_buffer(name) for c in copies])
             for name, _ in copies[0].model.named_buffers()
         }
-        self.skeleton = _LogitsAndTokens(_skeleton(copies[0].model)).train()
+        self.skeleton = _LogitsAndTokens(_skeleton(copies[0].model, fused_attention)).train()
         with_cls = _has_cls_attention(copies[0].model)
         self.capture = AttentionCapture(self.skeleton.vit) if with_cls else None
         self.with_se = [i for i, c in enumerate(copies) if c.se is not None]
@@ -382,9 +390,14 @@ def train_group(
     resume: bool = False,
     overwrite: bool = False,
     datasets: tuple[Dataset, Dataset] | None = None,
+    fused_attention: bool = False,
 ) -> list[dict[str, Any]]:
     """Train the runs ``configs`` as one group (see the module) and write run ``k`` to
     ``run_dirs[k]``; return each run's final metrics (``metrics.json``).
+
+    ``fused_attention``: attention by the fused kernel under vmap (one batched call on CUDA;
+    copy by copy on the CPU) instead of explicitly; speed only, the copies stay the runs alone
+    up to rounding (tested both ways).
 
     With ``checkpoint`` (a file), the group's whole state is written there, atomically, at the
     epochs where a run alone would save (``checkpoint_epochs``, and the last), and ``resume``
@@ -432,7 +445,7 @@ def train_group(
         _build_copy(c, d, train_set.num_classes, train_set.in_chans, info.device)
         for c, d in zip(configs, dirs, strict=True)
     ]
-    group = _Group(copies, train_set.num_classes, steps_per_epoch)
+    group = _Group(copies, train_set.num_classes, steps_per_epoch, fused_attention)
     random_seed(cfg.seed, 0)  # the training streams of a run alone, after its initial weights
     first_epoch, elapsed, train_stats = 0, 0.0, []
     if state is not None:
