@@ -74,6 +74,7 @@ from data_efficiency import (  # noqa: E402
     recipe,
     seed_lines,
 )
+from spatial_entropy.checkpoint import checkpoints_to_resume  # noqa: E402
 from spatial_entropy.config import load_config  # noqa: E402
 from spatial_entropy.data import build_dataset  # noqa: E402
 from spatial_entropy.data.subsets import ClassSubset, stratified_indices  # noqa: E402
@@ -281,6 +282,20 @@ def group_units(runs: list[tuple[Size, str, int]]) -> list[tuple[Size, str, int]
     return units
 
 
+def group_members(size: Size, unit: str, seed: int, work_dir: Path) -> tuple[list[str], Path]:
+    """The runs of a ``group:`` unit that train as one group: not those finished, not those
+    with a checkpoint of their own (begun alone, they resume alone); and the group's
+    checkpoint, under ``groups/`` beside the runs, named by those runs."""
+    arms = [
+        arm
+        for arm in unit.removeprefix(GROUP).split("+")
+        if _metrics(run_dir := run_dir_of(size, arm, seed, work_dir)) is None
+        and not (run_dir / "checkpoints").is_dir()
+    ]
+    root = work_dir / f"n{size.n_per_class}_e{size.epochs}"
+    return arms, root / "groups" / f"{'+'.join(arms)}_seed{seed}.pt"
+
+
 def train_as_group(
     size: Size, unit: str, seed: int, work_dir: Path, device: str, speed: dict | None
 ) -> None:
@@ -288,23 +303,18 @@ def train_as_group(
     and not those with a checkpoint (a run begun alone resumes alone: nothing is lost). The
     group's own checkpoint goes to ``groups/`` beside the runs, named by the runs it trains,
     so a group cut off resumes."""
-    arms, configs = [], []
-    for arm in unit.removeprefix(GROUP).split("+"):
-        run_dir = run_dir_of(size, arm, seed, work_dir)
-        if _metrics(run_dir) is not None or (run_dir / "checkpoints").is_dir():
-            continue
+    arms, checkpoint = group_members(size, unit, seed, work_dir)
+    if not arms:
+        return
+    configs = []
+    for arm in arms:
         weight = float(arm.removeprefix(SELECTION)) if arm.startswith(SELECTION) else None
         configs.append(config_for(size, "se_val" if weight else arm, seed, device, weight, speed))
-        arms.append(arm)
-    if not configs:
-        return
     # a selection group trains on the carved images, the other on the run's training images
     datasets = selection_datasets(configs[0]) if arms[0].startswith(SELECTION) else None
-    root = work_dir / f"n{size.n_per_class}_e{size.epochs}"
     train_group(
         configs, [run_dir_of(size, arm, seed, work_dir) for arm in arms],
-        checkpoint=root / "groups" / f"{'+'.join(arms)}_seed{seed}.pt", resume=True,
-        overwrite=True, datasets=datasets,
+        checkpoint=checkpoint, resume=True, overwrite=True, datasets=datasets,
         **{k: v for k, v in (speed or {}).items() if k in GROUP_SPEED_KEYS},
     )  # fmt: skip
 
@@ -313,10 +323,50 @@ def train_as_group(
 RUN_OVERHEAD_S = 30.0
 
 
-def expected_seconds(run: tuple[Size, str, int], step_seconds: float) -> float:
+def expected_seconds(
+    run: tuple[Size, str, int], step_seconds: float, work_dir: Path | None = None
+) -> float:
     """A unit's expected wall time at ``step_seconds`` per (group) step: its full length in
-    steps (a pilot may stop sooner; a selection run has fewer images), plus `RUN_OVERHEAD_S`."""
-    return RUN_OVERHEAD_S + _full_steps(run[0]) * step_seconds
+    steps (a pilot may stop sooner; a selection run has fewer images), less what its
+    checkpoints in ``work_dir`` hold (`steps_left`), plus `RUN_OVERHEAD_S`."""
+    left = _full_steps(run[0]) if work_dir is None else steps_left(run, work_dir)
+    return RUN_OVERHEAD_S + left * step_seconds
+
+
+def steps_left(run: tuple[Size, str, int], work_dir: Path) -> int:
+    """The steps a unit has still to train, after those its checkpoints in ``work_dir`` hold
+    (a run cut off, e.g. by the end of a call to a lent GPU, resumes from there). A group
+    unit trains its group, then each member begun alone: their steps add up."""
+    size, arm, seed = run
+    full = _full_steps(size)
+    if arm == "pilot":  # it writes metrics after each chunk: only its checkpoints count
+        run_dir = work_dir / "pilot" / f"n{size.n_per_class}_e{size.epochs}"
+        return max(full - _newest_checkpoint_step(run_dir), 0)
+    if not arm.startswith(GROUP):
+        return max(full - _checkpoint_step(run_dir_of(size, arm, seed, work_dir)), 0)
+    arms, checkpoint = group_members(size, arm, seed, work_dir)
+    alone = set(arm.removeprefix(GROUP).split("+")) - set(arms)
+    left = sum(max(full - _checkpoint_step(run_dir_of(size, a, seed, work_dir)), 0) for a in alone)
+    if arms:
+        done = 0
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            done = int(state["step"])
+        left += max(full - done, 0)
+    return left
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step of a run's newest checkpoint (0 without one); past any length once finished."""
+    return sys.maxsize if _metrics(run_dir) is not None else _newest_checkpoint_step(run_dir)
+
+
+def _newest_checkpoint_step(run_dir: Path) -> int:
+    try:
+        stems = checkpoints_to_resume(run_dir / "checkpoints")
+    except FileNotFoundError:  # a pointer to a checkpoint being replaced
+        return 0
+    return int(stems[0].name.removeprefix("step_")) if stems else 0
 
 
 @functools.cache
@@ -839,7 +889,8 @@ def main() -> None:
             device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
             order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
             duration=None if args.step_seconds is None else
-            functools.partial(expected_seconds, step_seconds=args.step_seconds),
+            functools.partial(expected_seconds, step_seconds=args.step_seconds,
+                              work_dir=args.work_dir),
         )  # fmt: skip
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):

@@ -467,3 +467,41 @@ def test_a_units_expected_seconds_by_hand(ev) -> None:
     )
     group = (ev.Size(100, 400, 5), "group:baseline+se", 1)  # a group step counts once
     assert ev.expected_seconds(group, 0.2) == pytest.approx(ev.RUN_OVERHEAD_S + 400 * 15 * 0.2)
+
+
+def _checkpoint_at(run_dir, step: int) -> None:
+    """The files a run's checkpoint at ``step`` leaves (contents do not matter here)."""
+    directory = run_dir / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix in (".pt", ".safetensors"):
+        (directory / f"step_{step:08d}{suffix}").write_bytes(b"")
+    (directory / "latest").write_text(f"step_{step:08d}")
+
+
+def test_steps_left_after_what_checkpoints_hold_by_hand(ev, tmp_path) -> None:
+    work, size, full = tmp_path / "w", ev.Size(50, 400, 5), 400 * 7
+    assert ev.steps_left((size, "se", 0), work) == full  # nothing begun
+    _checkpoint_at(ev.run_dir_of(size, "se", 0, work), 1400)
+    assert ev.steps_left((size, "se", 0), work) == full - 1400
+    assert ev.expected_seconds((size, "se", 0), 0.1, work) == pytest.approx(
+        ev.RUN_OVERHEAD_S + 1400 * 0.1
+    )
+    finished = ev.run_dir_of(size, "baseline", 0, work)
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text("{}")
+    assert ev.steps_left((size, "baseline", 0), work) == 0
+    # a group unit: baseline finished, se begun alone (1,400 left), drloc and se_drloc as a
+    # group whose checkpoint holds 2,100 steps (700 left); se resumes alone after the group
+    unit = (size, "group:baseline+se+drloc+se_drloc", 0)
+    arms, checkpoint = ev.group_members(*unit, work)
+    assert arms == ["drloc", "se_drloc"]
+    assert ev.steps_left(unit, work) == 1400 + full
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"step": 2100}, checkpoint)
+    assert ev.steps_left(unit, work) == 1400 + 700
+    # a pilot writes metrics after each chunk: only its checkpoints count (15 steps an epoch)
+    pilot = ev.Size(100, 400, 1)
+    pilot_dir = work / "pilot" / "n100_e400"
+    _checkpoint_at(pilot_dir, 3000)
+    (pilot_dir / "metrics.json").write_text("{}")
+    assert ev.steps_left((pilot, "pilot", 0), work) == 400 * 15 - 3000
