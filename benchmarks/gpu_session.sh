@@ -2,6 +2,7 @@
 # The GPU work of a session that is lent a CUDA machine, as one prepared script.
 #
 #   bash benchmarks/gpu_session.sh session SECONDS   # within SECONDS: CUDA tests, evidence
+#   bash benchmarks/gpu_session.sh continue SECONDS  # a second call: the evidence goes on
 #   bash benchmarks/gpu_session.sh checks            # CUDA tests, full probe, loss speed, smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
 #                                                    # JOBS=N: runs side by side (default 8);
@@ -17,12 +18,16 @@
 # (the runs of a seed and size that differ only in their regularisers as one vmapped step,
 # spatial_entropy.grouped) where the committed probe found 4 copies as one group at >= 1.5x the
 # rate of 1 (benchmarks/results/gpu_probe_session_cuda.json: 2.95x on an H200), and starting
-# only a unit expected to finish at STEP_SECONDS (default 0.12) per step (DataLoaders if the
+# only a unit expected to finish at STEP_SECONDS (default 0.1) per step (DataLoaders if the
 # device batches failed their CUDA test). PROBE=1 measures first instead (a short probe,
 # about 2 minutes: one step's time and kernels, 1-16 copies of the model as one vmapped step,
 # 1 and 4 runs trained as one group, 1/6/12 engine runs side by side) and runs as many
 # processes as its engine_parallel found fastest. The evidence record is itself the
 # measurement of that arrangement (each run's steps and training time).
+# A lent session's 15 minutes fit two calls: `THEN=240 ... session 540`, then at once (while
+# the machine is warm, 30 s) `... continue 240`. The second call goes on from the first one's
+# record and checkpoints on the machine, so units that take longer than one call (n = 100:
+# 6,000 steps) can finish, and the first call plans its units for both calls.
 # It ends by itself about 20 s before SECONDS and leaves in $OUT:
 #   checks.txt            the CUDA tests, the attention A/B (and the probe, PROBE=1) as printed
 #   group_attention.json  the attention A/B's rows (gpu_probe.json with PROBE=1)
@@ -69,7 +74,7 @@ else
     # runs side by side, one process each, their data on the GPU (no loader processes); with
     # PROBE=1 the session replaces 8 with the count the probe's engine_parallel found fastest
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
-        --step-seconds "${STEP_SECONDS:-0.12}")
+        --step-seconds "${STEP_SECONDS:-0.1}")
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
     quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5
@@ -136,27 +141,34 @@ smokes() {
     timeout $(lim) $py /tmp/se_cli.py evaluate /tmp/smoke_ddp --attention 2>&1 | strip | tail -8
 }
 
-# evidence SECONDS: the second benchmark for SECONDS, continuing the committed record (runs
-# recorded there are skipped; every run finished here is written to $OUT/evidence_v2.json at
-# once, so a cut-off session still leaves a consistent, paired record in seed order). No run
-# starts in the last 90 s (a late run could not finish and would not be recorded). Runs'
-# directories go to memory (/dev/shm): checkpoints are written and fsynced 20 times a run.
+# evidence SECONDS [HORIZON]: the second benchmark for SECONDS, continuing the record (runs
+# recorded there are skipped; every run finished here is written to it at once, so a cut-off
+# call still leaves a consistent, paired record in seed order). The record and the runs'
+# directories stay on the machine (runs/evidence_v2_gpu: a warm machine keeps ignored files
+# between calls), so a second call of the same lent session (`continue`) goes on from the
+# runs' checkpoints; the record starts as the committed one and is mirrored into $OUT every
+# 10 s. Units start while they are expected to finish within HORIZON (default SECONDS; more
+# when a second call will follow) and not in its last 30 s.
+evidence_work=runs/evidence_v2_gpu  # kept between the calls of a lent session
+[ -n "${SMOKE:-}" ] && evidence_work=/tmp/gpu_session_smoke_evidence
 evidence() {
-    local seconds=$1 results="$OUT/evidence_v2.json" work=/dev/shm/evidence_v2
-    [ -d /dev/shm ] || work=runs/evidence_v2_gpu
-    if [ -n "${SMOKE:-}" ]; then
-        results="$OUT/evidence_v2.json"
-        work=$OUT/evidence_runs
-    elif [ ! -f "$results" ]; then
+    local seconds=$1 horizon=${2:-$1} work=$evidence_work
+    local results=$work/evidence_v2.json
+    mkdir -p "$work"
+    if [ -z "${SMOKE:-}" ] && [ ! -f "$results" ]; then
         cp benchmarks/results/evidence_v2.json "$results" 2>/dev/null
     fi
     local budget
-    budget=$(awk -v s="$seconds" 'BEGIN { m = (s - 90) / 60; printf "%.2f", (m > 0.5 ? m : 0.5) }')
+    budget=$(awk -v s="$horizon" 'BEGIN { m = (s - 30) / 60; printf "%.2f", (m > 0.5 ? m : 0.5) }')
+    (while sleep 10; do cp "$results" "$OUT/" 2>/dev/null; done) &
+    local mirror=$!
     # shellcheck disable=SC2046  # the flags are words
     timeout $((seconds)) $py benchmarks/evidence_v2.py --device $device "${evidence_extra[@]}" \
         $(data_flags) --time-budget $budget --results "$results" --work-dir "$work" 2>&1 \
-        | strip > "$OUT/evidence.log"
-    $py benchmarks/evidence_v2.py --report "$results" > /dev/null 2>&1
+        | strip >> "$OUT/evidence.log"
+    kill $mirror 2>/dev/null
+    cp "$results" "$OUT/evidence_v2.json" 2>/dev/null
+    $py benchmarks/evidence_v2.py --report "$OUT/evidence_v2.json" > /dev/null 2>&1
     tail -40 "$OUT/evidence.log"
 }
 
@@ -206,6 +218,9 @@ PY
 case "${1:-checks}" in
 session)
     total=${2:?usage: $0 session SECONDS}
+    # THEN=S: a second call, `continue S`, will follow at once on the same machine: plan the
+    # evidence's units for both calls
+    [ -n "${SMOKE:-}" ] && rm -rf "$evidence_work"
     # PROBE=1: measure again how the evidence should run (about 2 minutes); otherwise the
     # committed measurements decide it (benchmarks/results/gpu_probe_session_cuda.json and
     # gpu_groups_side_by_side_cuda.txt, an H200 on 2026-11-28), and the minutes go to runs
@@ -241,8 +256,9 @@ session)
             jobs=${JOBS:-8}
         fi
         [ -n "$group" ] && group="$group $(use_fused "$attention_json")"
-        # start only a unit expected to finish: a group or run at STEP_SECONDS per step
-        evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.12}")
+        # start only a unit expected to finish: a group or run at STEP_SECONDS per step (6 groups
+        # of 4 side by side took 0.09-0.10 s a group step; runs alone among 12 processes 0.071)
+        evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.1}")
         echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
             "$(data_flags)"
     fi
@@ -251,17 +267,34 @@ session)
         echo "== no evidence run: $left s left after the checks ($((SECONDS - start)) s)"
         exit 0
     fi
-    echo "== evidence for $left s (checks took $((SECONDS - start)) s)"
+    echo "== evidence for $left s, planned for $((left + ${THEN:-0})) s (checks took" \
+        "$((SECONDS - start)) s)"
+    mkdir -p "$evidence_work"
+    printf '%s\n' "${evidence_extra[@]}" > "$evidence_work/arrangement"  # for `continue`
     if [ $device = cuda ]; then
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 \
             > /tmp/gpu_util.txt 2>&1 &
         util=$!
     fi
-    evidence $left
+    evidence $left $((left + ${THEN:-0}))
     kill ${util:-} 2>/dev/null
     [ -f /tmp/gpu_util.txt ] && cat /tmp/gpu_util.txt >> "$OUT/evidence.log"
     rm -f "$OUT/evidence_v2.png"
     echo "== session took $((SECONDS - start)) s"
+    ;;
+continue)
+    # the second call of a lent session, at once after `THEN=S session ...` on the same warm
+    # machine: the evidence for S - 20 s more, with the first call's arrangement, its record
+    # and its runs' checkpoints (a unit cut off by the first call's end resumes)
+    total=${2:?usage: $0 continue SECONDS}
+    if [ -f "$evidence_work/arrangement" ]; then
+        mapfile -t evidence_extra < "$evidence_work/arrangement"
+        echo "== evidence for $((total - 20)) s more, going on from the first call"
+    else
+        echo "== evidence for $((total - 20)) s (no first call on this machine)"
+    fi
+    evidence $((total - 20))
+    rm -f "$OUT/evidence_v2.png"
     ;;
 checks)
     {
@@ -315,7 +348,8 @@ print(len(runs), "finished runs")
 PY
     ;;
 *)
-    echo "usage: $0 session SECONDS | checks | evidence MINUTES | groups K... | levers MINUTES" >&2
+    echo "usage: $0 session SECONDS | continue SECONDS | checks | evidence MINUTES |" \
+        "groups K... | levers MINUTES" >&2
     exit 2
     ;;
 esac
