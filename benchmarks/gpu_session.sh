@@ -290,7 +290,10 @@ continue)
     if [ -f "$evidence_work/arrangement" ]; then
         mapfile -t evidence_extra < "$evidence_work/arrangement"
         echo "== evidence for $((total - 20)) s more, going on from the first call"
-    else
+    else  # a fresh machine: the committed probe's arrangement, explicit attention
+        [ $device = cuda ] && evidence_extra=(--jobs "${JOBS:-8}" --threads 1 \
+            $(use_group benchmarks/results/gpu_probe_session_cuda.json) \
+            --step-seconds "${STEP_SECONDS:-0.1}")
         echo "== evidence for $((total - 20)) s (no first call on this machine)"
     fi
     evidence $((total - 20))
