@@ -387,12 +387,17 @@ def test_cost_lines_by_hand(ev) -> None:
                  run("cpu", 300.0, 200),
                  # two copies of one group: 80 s for 200 steps of both, 0.2 s a copy's step
                  *[run("gpu", 80.0, 200, jobs=2) | {"group": {"copies": 2, "index": i}}
-                   for i in (0, 1)]],
+                   for i in (0, 1)],
+                 # the same with the fused attention kernel: 40 s, 0.1 s a copy's step
+                 *[run("gpu", 40.0, 200, jobs=2)
+                   | {"group": {"copies": 2, "index": i},
+                      "execution": {"jobs": 2, "fused_attention": True}} for i in (0, 1)]],
     }  # fmt: skip
     assert ev.cost_lines(record)[3:] == [
         "- cpu, ? side by side, m: 1.500 s (1 runs)",
         "- gpu, 2 side by side, m: 0.050 s (1 runs)",
         "- gpu, 2 side by side, 2 as one step, m: 0.200 s (2 runs)",
+        "- gpu, 2 side by side, 2 as one step (fused attention), m: 0.100 s (2 runs)",
         "- gpu, 8 side by side, m: 0.200 s (3 runs)",  # median of 0.1, 0.3, 0.2
     ]
     assert ev.cost_lines({"pilot": {}, "runs": []}) == []
