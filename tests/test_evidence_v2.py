@@ -316,8 +316,19 @@ def test_pilot_stops_once_decided_with_the_whole_pilots_choice(ev, tiny_pilot) -
     assert early["log"] == whole["log"][: early["trained_epochs"]]
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        # one round: the missing pilot first, with the recorded size's run; then the new
+        # size's run
+        ((), [(100, "pilot", 0), (50, "baseline", 0), (100, "baseline", 0)]),
+        # the pilot alone: neither size's runs start (not the recorded size's, nor the new
+        # size's once its pilot is in)
+        (("--pilots-only",), [(100, "pilot", 0)]),
+    ],
+)
 def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
-    ev, tmp_path, monkeypatch
+    ev, tmp_path, monkeypatch, flags, expected
 ) -> None:
     results = record_with_pilot_50(ev, tmp_path / "record.json")
     calls = []
@@ -328,29 +339,10 @@ def test_pilot_runs_beside_the_sizes_that_have_one_then_its_runs_follow(
 
     monkeypatch.setattr(ev, "run_arm", fake_run_arm)
     monkeypatch.setattr(sys, "argv", ["evidence_v2", "--arms", "baseline", "--seeds", "1",
-                                      "--results", str(results),
+                                      *flags, "--results", str(results),
                                       "--work-dir", str(tmp_path / "w")])  # fmt: skip
     ev.main()
-    # one round: the missing pilot first, with the recorded size's run; then the new size's run
-    assert calls == [(100, "pilot", 0), (50, "baseline", 0), (100, "baseline", 0)]
-
-
-def test_pilots_only_runs_the_missing_pilot_and_nothing_after_it(ev, tmp_path, monkeypatch):
-    results = record_with_pilot_50(ev, tmp_path / "record.json")
-    calls = []
-
-    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
-        calls.append((size.n_per_class, arm, seed))
-        return fake_result(size, arm, seed)
-
-    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
-    monkeypatch.setattr(sys, "argv", ["evidence_v2", "--arms", "baseline", "--seeds", "1",
-                                      "--pilots-only", "--results", str(results),
-                                      "--work-dir", str(tmp_path / "w")])  # fmt: skip
-    ev.main()
-    # the n = 100 pilot is recorded; neither size's runs start (not the recorded size's, nor
-    # the new size's once its pilot is in)
-    assert calls == [(100, "pilot", 0)]
+    assert calls == expected
     assert set(json.loads(results.read_text())["pilot"]) == {"50", "100"}
 
 
