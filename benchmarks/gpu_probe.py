@@ -326,7 +326,7 @@ def engine_run(
     return metrics, wall, log
 
 
-def engine_variants(device: str, epochs: int = 15) -> list[dict]:
+def engine_variants(device: str, epochs: int = 15, names=None) -> list[dict]:
     """The same short run eager through DataLoaders, eager with its data on the device,
     compiled (inductor, default and reduce-overhead modes), and eager with the epoch-end
     checkpoint writes skipped: seconds per step of the training loop
@@ -343,8 +343,12 @@ def engine_variants(device: str, epochs: int = 15) -> list[dict]:
         "compile_reduce_overhead": ({"compile": True, "compile_mode": "reduce-overhead"}, False),
         "eager_no_checkpoints": ({}, True),
     }
+    unknown = set(names or ()) - set(variants)
+    if unknown:
+        raise ValueError(f"unknown engine variants {sorted(unknown)}; known: {list(variants)}")
     rows = []
-    for name, (overrides, skip_saves) in variants.items():
+    for name in names or list(variants):
+        overrides, skip_saves = variants[name]
         no_saves = mock.patch.object(engine, "save_checkpoint", lambda *args, **kwargs: None)
         try:
             with no_saves if skip_saves else nullcontext():
@@ -484,6 +488,8 @@ def main() -> None:
     parser.add_argument(
         "--engine-epochs", type=int, default=10, help="of engine_variants and engine_parallel"
     )
+    parser.add_argument("--engine-variants", nargs="+", default=None,
+                        help="of engine_variants (default: all), e.g. eager")  # fmt: skip
     parser.add_argument("--group-attention", nargs="+", default=["explicit"],
                         choices=["explicit", "fused"], help="of group_engine")  # fmt: skip
     args = parser.parse_args()
@@ -499,7 +505,9 @@ def main() -> None:
         "engine_workers0": lambda: engine_profile(args.device, 0),
         "engine_workers1": lambda: engine_profile(args.device, 1),
         "engine_host": lambda: engine_host(args.device),
-        "engine_variants": lambda: engine_variants(args.device, max(6, args.engine_epochs)),
+        "engine_variants": lambda: engine_variants(
+            args.device, max(6, args.engine_epochs), args.engine_variants
+        ),
         "engine_parallel": lambda: engine_parallel(
             args.device, args.runs_at_once, args.engine_epochs
         ),

@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
 #
 # `session` is what a lent GPU should run (one call, one machine start): the CUDA tests (about
-# 30 s), a group of 4 copies with explicit and with fused attention (about 40 s; the evidence's
+# 30 s), a group of 4 copies with explicit and with fused attention (about 50 s, with a run
+# alone in the engine's loop to set beside them; the evidence's
 # groups use the fused kernel if it took <= 0.9x the time, `--fused-attention`), then the
 # evidence run for the time left: 8 processes side by side (JOBS), with --group
 # (the runs of a seed and size that differ only in their regularisers as one vmapped step,
@@ -236,10 +237,13 @@ session)
                 --out "$OUT/gpu_probe.json" 2>&1 | strip | cut -c1-400
             probe_json=$OUT/gpu_probe.json
             attention_json=$probe_json
-        else  # about 40 s: a group's attention, explicit against the fused kernel under vmap
-            echo "== a group of 4 copies, explicit against fused attention (gpu_probe.py)"
-            timeout 100 $py benchmarks/gpu_probe.py --device $device --parts group_engine \
-                --copies-at-once 4 --group-attention explicit fused --engine-epochs 4 \
+        else  # about 50 s: a group's attention, explicit against the fused kernel under vmap,
+            # and beside it one run alone in the engine's loop after its first 5 epochs
+            echo "== a group of 4 copies, explicit against fused attention; a run alone" \
+                "(gpu_probe.py)"
+            timeout 120 $py benchmarks/gpu_probe.py --device $device --parts group_engine \
+                engine_variants --copies-at-once 4 --group-attention explicit fused \
+                --engine-variants eager --engine-epochs 8 \
                 --out "$OUT/group_attention.json" 2>&1 | strip | cut -c1-400
             attention_json=$OUT/group_attention.json
         fi
