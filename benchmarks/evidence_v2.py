@@ -324,13 +324,38 @@ RUN_OVERHEAD_S = 30.0
 
 
 def expected_seconds(
-    run: tuple[Size, str, int], step_seconds: float, work_dir: Path | None = None
+    run: tuple[Size, str, int],
+    step_seconds: float,
+    work_dir: Path | None = None,
+    resume_begun: bool = False,
 ) -> float:
     """A unit's expected wall time at ``step_seconds`` per (group) step: its full length in
     steps (a pilot may stop sooner; a selection run has fewer images), less what its
-    checkpoints in ``work_dir`` hold (`steps_left`), plus `RUN_OVERHEAD_S`."""
-    left = _full_steps(run[0]) if work_dir is None else steps_left(run, work_dir)
-    return RUN_OVERHEAD_S + left * step_seconds
+    checkpoints in ``work_dir`` hold (`steps_left`), plus `RUN_OVERHEAD_S`. With
+    ``resume_begun``, 0 for a unit that has checkpoints: it starts whatever the time left (a
+    unit begun in a lent session's first call and cut off by its end is lost if the second
+    call does not resume it)."""
+    if work_dir is None:
+        return RUN_OVERHEAD_S + _full_steps(run[0]) * step_seconds
+    if resume_begun and begun(run, work_dir):
+        return 0.0
+    return RUN_OVERHEAD_S + steps_left(run, work_dir) * step_seconds
+
+
+def begun(run: tuple[Size, str, int], work_dir: Path) -> bool:
+    """Whether a unit's checkpoints in ``work_dir`` hold any of its training (unfinished)."""
+    size, arm, seed = run
+    if arm == "pilot":
+        run_dir = work_dir / "pilot" / f"n{size.n_per_class}_e{size.epochs}"
+        return 0 < _newest_checkpoint_step(run_dir) < _full_steps(size)
+    arms = arm.removeprefix(GROUP).split("+") if arm.startswith(GROUP) else [arm]
+    own = any(
+        0 < _checkpoint_step(run_dir_of(size, a, seed, work_dir)) < _full_steps(size) for a in arms
+    )
+    if not arm.startswith(GROUP):
+        return own
+    members, checkpoint = group_members(size, arm, seed, work_dir)
+    return own or bool(members) and checkpoint.is_file()
 
 
 def steps_left(run: tuple[Size, str, int], work_dir: Path) -> int:
@@ -829,6 +854,9 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=None, metavar="S",
                         help="with --time-budget: start only a run (group, pilot) expected "
                         f"to finish in time, at S s per step plus {RUN_OVERHEAD_S} s")  # fmt: skip
+    parser.add_argument("--resume-begun", action="store_true",
+                        help="with --step-seconds: resume every unit with checkpoints, "
+                        "whatever the time left (the second call of a lent session)")  # fmt: skip
     parser.add_argument("--pilots-only", action="store_true",
                         help="run the sizes' pending pilots and nothing else (e.g. a long "
                         "pilot on the CPU for the GPU record, across sessions)")  # fmt: skip
@@ -893,7 +921,7 @@ def main() -> None:
             order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
             duration=None if args.step_seconds is None else
             functools.partial(expected_seconds, step_seconds=args.step_seconds,
-                              work_dir=args.work_dir),
+                              work_dir=args.work_dir, resume_begun=args.resume_begun),
         )  # fmt: skip
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):

@@ -293,6 +293,8 @@ continue)
     total=${2:?usage: $0 continue SECONDS}
     if [ -f "$evidence_work/arrangement" ]; then
         mapfile -t evidence_extra < "$evidence_work/arrangement"
+        # what the first call began resumes whatever the time left (else it is lost)
+        [ $device = cuda ] && evidence_extra+=(--resume-begun)
         echo "== evidence for $((total - 20)) s more, going on from the first call"
     else  # a fresh machine: the committed probe's arrangement, explicit attention
         [ $device = cuda ] && evidence_extra=(--jobs "${JOBS:-8}" --threads 1 \

@@ -496,6 +496,14 @@ def test_steps_left_after_what_checkpoints_hold_by_hand(ev, tmp_path) -> None:
     checkpoint.parent.mkdir(parents=True)
     torch.save({"step": 2100}, checkpoint)
     assert ev.steps_left(unit, work) == 1400 + 700
+    # a second call resumes what has checkpoints whatever the time left, and no other unit
+    assert ev.expected_seconds((size, "se", 0), 0.1, work, resume_begun=True) == 0.0
+    assert ev.expected_seconds(unit, 0.1, work, resume_begun=True) == 0.0
+    fresh = (size, "conv_stem", 0)
+    assert not ev.begun(fresh, work) and not ev.begun((size, "baseline", 0), work)
+    assert ev.expected_seconds(fresh, 0.1, work, resume_begun=True) == pytest.approx(
+        ev.RUN_OVERHEAD_S + full * 0.1
+    )
     # a pilot writes metrics after each chunk: only its checkpoints count (15 steps an epoch)
     pilot = ev.Size(100, 400, 1)
     pilot_dir = work / "pilot" / "n100_e400"
