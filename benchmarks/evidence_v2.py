@@ -75,7 +75,7 @@ from data_efficiency import (  # noqa: E402
     seed_lines,
 )
 from spatial_entropy.checkpoint import checkpoints_to_resume  # noqa: E402
-from spatial_entropy.config import load_config  # noqa: E402
+from spatial_entropy.config import config_changes, load_config  # noqa: E402
 from spatial_entropy.data import build_dataset  # noqa: E402
 from spatial_entropy.data.subsets import ClassSubset, stratified_indices  # noqa: E402
 from spatial_entropy.distributed import DistributedInfo  # noqa: E402
@@ -408,6 +408,38 @@ def select_lambda(scores: dict[float, float]) -> dict:
     return {"lambda": best, "val_top1": {f"{w:g}": scores[w] for w in VAL_LAMBDAS}}
 
 
+def same_training(size: Size, seed: int, weight: float) -> str | None:
+    """The arm whose run at (size, seed) is ``se_val``'s final run at λ ``weight``: one whose
+    config is the same in every key (``se`` when the validation chose the published λ), or
+    None. That run is then ``se_val``'s too (`shared_runs`): training the same config again
+    would repeat the same training (bit for bit on the CPU; on a GPU up to rounding), at the
+    cost of a whole run."""
+    target = config_for(size, "se_val", seed, "cpu", weight)
+    for arm in arms():
+        if arm != "se_val" and not config_changes(config_for(size, arm, seed, "cpu"), target):
+            return arm
+    return None
+
+
+def shared_runs(record: dict) -> list[dict]:
+    """``se_val``'s final runs that are another recorded arm's run (`same_training`), not yet
+    recorded as ``se_val``: that arm's result with ``se_val``'s name and selection
+    (``lambda``, ``val_top1``) and ``same_run_as``."""
+    recorded = {(r["n_per_class"], r["arm"], r["seed"]): r for r in record["runs"]}
+    shared = []
+    for n, seed in sorted({(r["n_per_class"], r["seed"]) for r in record.get("selection", [])}):
+        scores = selection_scores(record, n, seed)
+        if (n, "se_val", seed) in recorded or any(w not in scores for w in VAL_LAMBDAS):
+            continue
+        selection = select_lambda(scores)
+        size = Size(n, record["pilot"][str(n)]["epochs"], SEEDS)
+        twin = same_training(size, seed, selection["lambda"])
+        if twin is not None and (n, twin, seed) in recorded:
+            result = recorded[(n, twin, seed)] | {"arm": "se_val", **selection}
+            shared.append(result | {"same_run_as": twin})
+    return shared
+
+
 def selection_scores(record: dict, n: int, seed: int) -> dict[float, float]:
     """The recorded validation top-1 of ``se_val``'s selection runs at (n, seed), by λ."""
     return {
@@ -624,7 +656,9 @@ def record_result(record: dict, path: Path, run: tuple[Size, str, int], result: 
 def pending(record: dict, sizes: list[int], arm_names: list[str], seeds: int):
     """The runs still to do, in seed order (seed, then size, then arm), skipping every one the
     record holds; a size without a recorded pilot contributes its pilot instead, and
-    ``se_val`` its selection runs (``se_val@λ``) until all of them are recorded."""
+    ``se_val`` its selection runs (``se_val@λ``) until all of them are recorded, then its
+    final run unless another arm among ``arm_names`` trains the same config (`same_training`),
+    whose run becomes ``se_val``'s when recorded (`shared_runs`)."""
     done = {(r["n_per_class"], r["arm"], r["seed"]) for r in record["runs"]}
     pilots = [Size(n, PILOT_EPOCHS[n], 1) for n in sizes if str(n) not in record["pilot"]]
     runs = []
@@ -640,6 +674,10 @@ def pending(record: dict, sizes: list[int], arm_names: list[str], seeds: int):
                 missing = [w for w in VAL_LAMBDAS if w not in scores]
                 if arm == "se_val" and missing:
                     runs += [(size, selection_arm(w), seed) for w in missing]
+                elif arm == "se_val" and (
+                    same_training(size, seed, select_lambda(scores)["lambda"]) in arm_names
+                ):
+                    continue  # that arm's run is se_val's (shared_runs), once recorded
                 else:
                     runs.append((size, arm, seed))
     return [(size, "pilot", 0) for size in pilots], runs
@@ -754,9 +792,13 @@ def report(record: dict) -> str:
     if selection:
         lines += ["", "se_val's selection runs (top-1 on the validation images carved from the "
                   "training images, by λ):", ""]  # fmt: skip
+        same = {(r["n_per_class"], r["seed"]): r["same_run_as"] for r in results
+                if r["arm"] == "se_val" and "same_run_as" in r}  # fmt: skip
         for n, seed in selection:
             scores = selection_scores(record, n, seed)
             listed = ", ".join(f"λ {w:g}: {scores[w]:.1f}" for w in sorted(scores))
+            if (n, seed) in same:
+                listed += f" (the same config as {same[(n, seed)]}: se_val's run is that run)"
             lines.append(f"- n = {n}, seed {seed}: {listed}")
     return "\n".join(lines + cost_lines(record))
 
@@ -771,6 +813,8 @@ def cost_lines(record: dict) -> list[str]:
     for r in [*record["pilot"].values(), *record.get("selection", []), *record["runs"]]:
         if not r.get("steps") or "train_time_s" not in r or "device" not in r:
             continue  # nothing timed
+        if "same_run_as" in r:
+            continue  # another arm's run, counted there
         jobs = str(r.get("execution", {}).get("jobs", "?"))
         copies = r.get("group", {}).get("copies", 1)
         fused = copies > 1 and r.get("execution", {}).get("fused_attention", False)
@@ -897,6 +941,11 @@ def main() -> None:
 
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
         record_result(record, args.results, run, result | {"execution": execution})
+        share()
+
+    def share() -> None:  # se_val's final runs that another arm's recorded run already is
+        for result in shared_runs(record):
+            record_result(record, args.results, (None, "se_val", result["seed"]), result)
 
     def names(units) -> set[tuple[int, str, int]]:
         return {(size.n_per_class, arm, seed) for size, arm, seed in units}
@@ -904,6 +953,7 @@ def main() -> None:
     # A size's runs can start only once its pilot is recorded, and se_val once its selection
     # runs are; what is available runs side by side. A round that makes new runs available
     # (a pilot, the last selection run of a seed) is followed by another.
+    share()
     while True:
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
         runs = [] if args.pilots_only else runs

@@ -140,6 +140,55 @@ def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
     assert se_val[0]["lambda"] == 0.03 and se_val[0]["val_top1"]["0.1"] == 61.0
 
 
+def test_se_val_at_the_published_lambda_is_the_se_run(ev) -> None:
+    # the published schedule is λ 0.01 (Peruzzo et al.); se_val keeps that schedule, so only
+    # at λ 0.01 is its config se's, and at no λ any other arm's
+    size = ev.Size(50, 400, 5)
+    assert ev.PUBLISHED_SE["weight"] == 0.01
+    assert [ev.same_training(size, 2, w) for w in ev.VAL_LAMBDAS] == ["se", None, None]
+
+
+def test_se_val_is_not_trained_again_when_it_chose_ses_config(ev, tmp_path, monkeypatch) -> None:
+    results = record_with_pilot_50(ev, tmp_path / "record.json")
+    calls, killed, val_top1 = [], [], {0.01: 65.0, 0.03: 60.0, 0.1: 61.0}
+
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
+        calls.append(arm)
+        if arm == "se" and not killed:
+            killed.append(arm)
+            raise RuntimeError("killed")  # the first session loses se
+        if arm.startswith("se_val@"):
+            weight = float(arm.split("@")[1])
+            return {"n_per_class": 50, "arm": arm, "seed": seed, "lambda": weight,
+                    "top1": val_top1[weight], "steps": 1, "train_time_s": 1.0,
+                    "device": "cpu"}  # fmt: skip
+        return fake_result(size, arm, seed) | {"train_time_s": 2.0, "device": "cpu"}
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    argv = ["evidence_v2", "--sizes", "50", "--arms", "baseline", "se", "se_val", "--seeds",
+            "1", "--results", str(results), "--work-dir", str(tmp_path / "runs")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    ev.main()
+    # the selection chose 0.01: se_val's final run waits for se's instead of training
+    assert calls == ["baseline", "se", "se_val@0.01", "se_val@0.03", "se_val@0.1"]
+    assert [r["arm"] for r in json.loads(results.read_text())["runs"]] == ["baseline"]
+    calls.clear()
+    ev.main()  # the next session trains se, and se's run is recorded as se_val's too
+    assert calls == ["se"]
+    stored = json.loads(results.read_text())
+    se, se_val = ([r for r in stored["runs"] if r["arm"] == arm] for arm in ("se", "se_val"))
+    assert len(se_val) == 1 and se_val[0]["same_run_as"] == "se"
+    assert se_val[0]["top1"] == se[0]["top1"] and se_val[0]["lambda"] == 0.01
+    assert se_val[0]["val_top1"] == {"0.01": 65.0, "0.03": 60.0, "0.1": 61.0}
+    text = ev.report(stored)
+    assert "(the same config as se: se_val's run is that run)" in text
+    # timed: 3 selection runs, baseline and se; se_val's time is se's, not counted twice
+    assert "se_vit_small_patch4_56: 1.000 s (5 runs)" in text
+    calls.clear()
+    ev.main()
+    assert calls == [] and len(json.loads(results.read_text())["runs"]) == 3
+
+
 def test_pending_skips_recorded_runs_in_seed_order(ev) -> None:
     record = {"pilot": {"50": {"epochs": 30}}, "runs": [
         {"n_per_class": 50, "arm": "baseline", "seed": 0}]}  # fmt: skip
