@@ -621,6 +621,9 @@ def load_record(path: Path) -> dict:
         return {"protocol": protocol(), "pilot": {}, "runs": [], "selection": []}
     record = json.loads(path.read_text())
     record.setdefault("selection", [])
+    # one machine for the whole record, stamped by whichever invocation came last (a CPU pilot
+    # stamped the GPU record "cpu"): wrong for its other runs; each run's execution says it
+    record.pop("machine", None)
     # JSON turns the pilot epochs' int keys into strings; compare as JSON
     current, stored = json.loads(json.dumps(protocol())), record["protocol"]
     changed = sorted(k for k in current if k != "arms" and current[k] != stored.get(k))
@@ -935,9 +938,11 @@ def main() -> None:
 
     speed = {"num_workers": args.num_workers, "data_on_device": args.data_on_device,
              "fused_attention": args.fused_attention}  # fmt: skip
-    # how the run was executed (its speed, not its result): with train_time_s and steps, the
-    # record measures the seconds per step of that arrangement
+    # how and where the run was executed (its speed, not its result): with train_time_s and
+    # steps, the record measures the seconds per step of that arrangement. Per run: a record
+    # grows over sessions on several machines
     execution = {"jobs": args.jobs, "threads": args.threads, "group": args.group} | speed
+    execution["platform"] = platform.platform()
 
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
         record_result(record, args.results, run, result | {"execution": execution})
@@ -976,8 +981,6 @@ def main() -> None:
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):
             break  # nothing new became available
-    record["machine"] = {"platform": platform.platform(), "device": device_name(args.device),
-                         "jobs": args.jobs}  # fmt: skip
     save_record(record, args.results)
     print(write_report(record, args.results))
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)

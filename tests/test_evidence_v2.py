@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 import sys
 
 import pytest
@@ -244,16 +245,24 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     assert all(r["epochs"] == 7 for r in record["runs"])  # the pilot's choice, frozen
     # each run says how it was executed: its seconds per step are read with that
     execution = {"jobs": 1, "threads": None, "group": False, "num_workers": 0,
-                 "data_on_device": "auto", "fused_attention": False}  # fmt: skip
+                 "data_on_device": "auto", "fused_attention": False,
+                 "platform": platform.platform()}  # fmt: skip
     assert all(r["execution"] == execution for r in [*record["runs"], record["pilot"]["50"]])
     # a fresh machine (another work dir) with one more seed: only seed 2 is run
     calls.clear()
     monkeypatch.setattr(sys, "argv", ["evidence_v2", *common, "--seeds", "3",
                                       "--work-dir", str(tmp_path / "machine2")])  # fmt: skip
+    monkeypatch.setattr(ev.platform, "platform", lambda: "machine two")
     ev.main()
     assert [c[:3] for c in calls] == [(50, "baseline", 2), (50, "se", 2)]
-    assert len(json.loads(results.read_text())["runs"]) == 6
+    record = json.loads(results.read_text())
+    assert len(record["runs"]) == 6
     assert "0 still to do" in capsys.readouterr().out
+    # each run keeps the machine it ran on; nothing record-wide says one machine made all
+    machines = [(r["seed"], r["execution"]["platform"]) for r in record["runs"]]
+    assert machines == [(k, execution["platform"]) for k in (0, 0, 1, 1)] + [
+        (2, "machine two"), (2, "machine two")]  # fmt: skip
+    assert "machine" not in record
 
 
 def test_record_of_another_protocol_is_refused(ev, tmp_path, monkeypatch) -> None:
