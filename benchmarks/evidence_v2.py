@@ -763,6 +763,7 @@ def report(record: dict) -> str:
         lines.append(f"- n = {n}/class: {pilot['epochs']} epochs ({pilot['reason']}; pilot "
                      f"{pilot['max_epochs']} epochs, {pilot['train_time_s']:.0f} s on "
                      f"{pilot['device']})")  # fmt: skip
+    lines += ["", "Recorded so far:", "", *progress_lines(record)]
     lines += ["", "| n / class | arm | seeds | epochs | steps | test top-1 (%) | train top-1 (%) "
               "| gap (points) | Jaccard | SE mean | regions / map |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -804,6 +805,20 @@ def report(record: dict) -> str:
                 listed += f" (the same config as {same[(n, seed)]}: se_val's run is that run)"
             lines.append(f"- n = {n}, seed {seed}: {listed}")
     return "\n".join(lines + cost_lines(record))
+
+
+def progress_lines(record: dict) -> list[str]:
+    """Per size with a pilot: how many of the protocol's runs (arm x seed) the record holds,
+    and the seeds that have every arm."""
+    names = list(arms())
+    lines = []
+    for n in sorted(int(k) for k in record["pilot"]):
+        done = {(r["arm"], r["seed"]) for r in record["runs"] if r["n_per_class"] == n}
+        complete = [s for s in range(SEEDS) if all((arm, s) in done for arm in names)]
+        lines.append(f"- n = {n}/class: {len(done)} of {len(names) * SEEDS} runs ({len(names)} "
+                     f"arms x {SEEDS} seeds); seeds with every arm: "
+                     f"{', '.join(map(str, complete)) or 'none'}")  # fmt: skip
+    return lines
 
 
 def cost_lines(record: dict) -> list[str]:

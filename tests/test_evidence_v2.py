@@ -313,6 +313,17 @@ def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
     assert verdicts[("H1", 100)] == ("not evaluable", "1 paired seed(s)")
     text = ev.report({"pilot": {}, "runs": runs})
     assert "| 50 | convit | 3 | 9 | 9 | 46.0 ± 2.0 | 100.0 ± 0.0 | 54.0 ± 2.0 | n/a |" in text
+    # 8 arms x 5 seeds per size; 4 arms on 3 seeds at n = 50, 2 runs at n = 100
+    pilots = {"50": {}, "100": {}}
+    assert ev.progress_lines({"pilot": pilots, "runs": runs}) == [
+        "- n = 50/class: 12 of 40 runs (8 arms x 5 seeds); seeds with every arm: none",
+        "- n = 100/class: 2 of 40 runs (8 arms x 5 seeds); seeds with every arm: none",
+    ]
+    # the 4 arms seed 1 lacks: it then has every arm (12 + 4 runs)
+    every = [result(50, arm, 1, 40.0, 0.3) for arm in ev.arms()]
+    assert ev.progress_lines({"pilot": {"50": {}}, "runs": runs + every})[0].endswith(
+        "16 of 40 runs (8 arms x 5 seeds); seeds with every arm: 1"
+    )
     assert "- H1, n = 50: **held**" in text
     ev.write_report({"pilot": {}, "runs": runs}, tmp_path / "record.json")
     assert (tmp_path / "record.md").read_text() == text + "\n"
