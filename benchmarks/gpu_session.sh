@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_session.sh checks            # CUDA tests, full probe, loss speed, smokes
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
 #                                                    # JOBS=N: runs side by side (default 8);
-#                                                    # GROUP=1: runs of a seed as one step
+#                                                    # GROUP=1: runs of a seed as one step;
+#                                                    # ARMS="baseline se ...": only these arms
+#                                                    # (also for session and continue)
 #   bash benchmarks/gpu_session.sh groups K...       # K groups of 4 copies side by side
 #                                                    # (FUSED=1: fused attention kernel)
 #   bash benchmarks/gpu_session.sh levers MINUTES    # issue 7's investigation variants
@@ -74,8 +76,9 @@ else
     speed=()
     # runs side by side, one process each, their data on the GPU (no loader processes); with
     # PROBE=1 the session replaces 8 with the count the probe's engine_parallel found fastest
+    # shellcheck disable=SC2086  # ARMS: arm names, one word each
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
-        --step-seconds "${STEP_SECONDS:-0.1}")
+        --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS})
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
     quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5
@@ -262,7 +265,9 @@ session)
         [ -n "$group" ] && group="$group $(use_fused "$attention_json")"
         # start only a unit expected to finish: a group or run at STEP_SECONDS per step (6 groups
         # of 4 side by side took 0.09-0.10 s a group step; runs alone among 12 processes 0.071)
-        evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.1}")
+        # shellcheck disable=SC2086  # ARMS: arm names, one word each
+        evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.1}"
+            ${ARMS:+--arms $ARMS})
         echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
             "$(data_flags)"
     fi
@@ -299,7 +304,7 @@ continue)
     else  # a fresh machine: the committed probe's arrangement, explicit attention
         [ $device = cuda ] && evidence_extra=(--jobs "${JOBS:-8}" --threads 1 \
             $(use_group benchmarks/results/gpu_probe_session_cuda.json) \
-            --step-seconds "${STEP_SECONDS:-0.1}")
+            --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS})
         echo "== evidence for $((total - 20)) s (no first call on this machine)"
     fi
     evidence $((total - 20))
