@@ -317,7 +317,7 @@ def seed_lines(ax, results: list[dict], arms: list[str], key: str, label: str) -
              if (v := [value for (a, _), value in by_seed.items() if a == arm])]  # fmt: skip
     ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9,
             label="mean over seeds")  # fmt: skip
-    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
 

@@ -850,8 +850,35 @@ def cost_lines(record: dict) -> list[str]:
     return lines
 
 
+def paired_panel(ax, runs: list[dict], order: list[str], key: str, label: str) -> None:
+    """One size's runs on ``ax``: per arm (x, the baseline left out), each seed's ``key`` minus
+    the same seed's baseline (grey dots) and, from two paired seeds, their mean with the paired
+    95 % interval (red bar): what H1-H3 test, against the line at 0."""
+    n = runs[0]["n_per_class"]
+    others = [arm for arm in order if arm != "baseline"]
+    labelled = False
+    for i, arm in enumerate(others):
+        diffs = paired(runs, n, arm, "baseline", key)
+        ax.plot([i] * len(diffs), diffs, ".", color="grey", alpha=0.7, ms=8)
+        if len(diffs) < 2:
+            continue
+        mean = mean_std(diffs)[0]
+        low, high = paired_interval(diffs)
+        legend = None if labelled else "mean, paired 95 % interval"
+        ax.errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="C3",
+                    capsize=4, label=legend)  # fmt: skip
+        labelled = True
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(others)), others, rotation=30, ha="right")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    if labelled:
+        ax.legend(fontsize="small")
+
+
 def plot(results: list[dict], path: Path) -> None:
-    """Per size (rows): test top-1, generalisation gap and Jaccard per arm, one line per seed."""
+    """Per size (rows): test top-1, generalisation gap and Jaccard per arm, one line per seed;
+    then each arm's paired Δ top-1 against the baseline, with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -859,13 +886,14 @@ def plot(results: list[dict], path: Path) -> None:
 
     sizes = sorted({r["n_per_class"] for r in results})
     order = [arm for arm in arms() if any(r["arm"] == arm for r in results)]
-    fig, axes = plt.subplots(len(sizes), 3, figsize=(14, 4 * len(sizes)), squeeze=False)
+    fig, axes = plt.subplots(len(sizes), 4, figsize=(19, 4.6 * len(sizes)), squeeze=False)
     panels = (("top1", "test top-1 (%)"), ("gap", "train - test top-1 (points)"),
               ("jaccard", "Jaccard"))  # fmt: skip
     for row, n in zip(axes, sizes, strict=True):
         runs = [r for r in results if r["n_per_class"] == n]
-        for ax, (key, label) in zip(row, panels, strict=True):
+        for ax, (key, label) in zip(row[:3], panels, strict=True):
             seed_lines(ax, runs, order, key, label)
+        paired_panel(row[3], runs, order, "top1", "Δ test top-1 vs same seed's baseline")
         row[0].set_title(f"n = {n}/class", loc="left")
     axes[0][0].legend()
     fig.suptitle(f"cluttered-fashion, 14x14 grid ({VIT} and peers): one line per seed")

@@ -330,6 +330,32 @@ def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
     assert (tmp_path / "record.png").stat().st_size > 0
 
 
+def test_paired_panel_draws_each_seeds_difference_and_the_t_interval(ev) -> None:
+    """The plot's fourth panel, against hand-computed values: se - baseline on three seeds is
+    +1, +2, 0 (mean 1, sd 1), so the paired 95 % interval is 1 ± t(0.975, 2) / sqrt(3) =
+    1 ± 4.303 / 1.732 = [-1.484, +3.484]; an arm on one paired seed gets its dot, no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [result(50, "baseline", s, b, 0.2) for s, b in enumerate((30.0, 31.0, 32.0))]
+    runs += [result(50, "se", s, t, 0.2) for s, t in enumerate((31.0, 33.0, 32.0))]
+    runs.append(result(50, "convit", 0, 50.0, 0.3))
+    fig, ax = plt.subplots()
+    ev.paired_panel(ax, runs, ["baseline", "se", "convit"], "top1", "Δ")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["se", "convit"]
+    dots = [line for line in ax.lines if line.get_marker() == "."]
+    assert sorted(dots[0].get_ydata()) == [0.0, 1.0, 2.0]
+    assert list(dots[0].get_xdata()) == [0, 0, 0]
+    assert list(dots[1].get_ydata()) == [20.0] and list(dots[1].get_xdata()) == [1]
+    (bar,) = ax.containers  # one error bar: convit has a single paired seed
+    (segment,) = bar.lines[2][0].get_segments()
+    assert segment[0][1] == pytest.approx(1 - 4.302653 / 3**0.5, abs=1e-4)
+    assert segment[1][1] == pytest.approx(1 + 4.302653 / 3**0.5, abs=1e-4)
+    plt.close(fig)
+
+
 @pytest.fixture
 def tiny_pilot(ev, tmp_path, monkeypatch):
     """The pilot on a tiny model and data set: 130 training images (2 steps of 64 an epoch), 8
