@@ -789,6 +789,7 @@ def report(record: dict) -> str:
         lines.append(f"| {n} | {arm} | {len(d_top1)} | {_cell(d_top1, 1)} | [{low:+.1f}, "
                      f"{high:+.1f}] | {_cell(paired(results, n, arm, 'baseline', 'gap'), 1)} | "
                      f"{_cell(paired(results, n, arm, 'baseline', 'jaccard'), 3)} |")  # fmt: skip
+    lines += pair_lines(results)
     lines += ["", "Hypotheses:", ""]
     lines += [f"- {name}, n = {n}: **{verdict}** ({evidence})"
               for name, n, verdict, evidence in hypotheses(results)]  # fmt: skip
@@ -805,6 +806,30 @@ def report(record: dict) -> str:
                 listed += f" (the same config as {same[(n, seed)]}: se_val's run is that run)"
             lines.append(f"- n = {n}, seed {seed}: {listed}")
     return "\n".join(lines + cost_lines(record))
+
+
+def pair_lines(results: list[dict]) -> list[str]:
+    """Per size and seed that has both, ``se`` against the baseline: the pairs H1 and H3 test."""
+    groups = group(results)
+    rows = []
+    for n in sorted({r["n_per_class"] for r in results}):
+        base = {r["seed"]: r for r in groups.get((n, "baseline"), [])}
+        for se in sorted(groups.get((n, "se"), []), key=lambda r: r["seed"]):
+            b = base.get(se["seed"])
+            if b is None:
+                continue
+            cells = [f"{b['top1']:.2f}", f"{se['top1']:.2f}", f"{se['top1'] - b['top1']:+.2f}"]
+            if b.get("jaccard") is not None and se.get("jaccard") is not None:
+                cells += [f"{b['jaccard']:.3f}", f"{se['jaccard']:.3f}",
+                          f"{se['jaccard'] - b['jaccard']:+.3f}"]  # fmt: skip
+            else:
+                cells += ["n/a"] * 3
+            rows.append(f"| {n} | {se['seed']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "se against the baseline, seed by seed (the pairs H1 and H3 test):", "",
+            "| n / class | seed | baseline top-1 | se top-1 | Δ top-1 | baseline Jaccard "
+            "| se Jaccard | Δ Jaccard |", "|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def progress_lines(record: dict) -> list[str]:

@@ -325,6 +325,9 @@ def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
         "16 of 40 runs (8 arms x 5 seeds); seeds with every arm: 1"
     )
     assert "- H1, n = 50: **held**" in text
+    # the pairs, seed by seed: +3 points every seed, Jaccard +0.01, -0.01, 0; n = 100's one pair
+    assert "| 50 | 1 | 42.00 | 45.00 | +3.00 | 0.300 | 0.290 | -0.010 |" in text
+    assert "| 100 | 0 | 50.00 | 51.00 | +1.00 | 0.300 | 0.300 | +0.000 |" in text
     ev.write_report({"pilot": {}, "runs": runs}, tmp_path / "record.json")
     assert (tmp_path / "record.md").read_text() == text + "\n"
     assert (tmp_path / "record.png").stat().st_size > 0
