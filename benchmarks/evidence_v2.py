@@ -32,7 +32,8 @@ Execution survives sessions: every finished run (and each pilot) is written into
 JSON (``--results``, default the committed benchmarks/results/evidence_v2.json) as it
 finishes, atomically (``se_val``'s three selection runs too, as units of their own); an
 invocation skips every run recorded there, so a fresh machine without ``runs/`` continues
-where the last one stopped. Runs go in seed order (seed 0 of every
+where the last one stopped. Each write re-reads the record under a lock (`merge_record`), so
+two invocations on one record (one per arm list, one per terminal) keep each other's runs. Runs go in seed order (seed 0 of every
 size and arm, then seed 1, ...), so a partial record stays paired. With ``--group`` the runs of
 a seed and size that differ only in their regularisers (`GROUPS`) train as one vmapped step
 (spatial_entropy.grouped, for a GPU) and are recorded one by one as usual, each saying it was
@@ -48,7 +49,9 @@ Costs and the plans' estimates: docs/evidence_v2.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import functools
 import json
 import platform
@@ -643,8 +646,32 @@ def save_record(record: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def record_result(record: dict, path: Path, run: tuple[Size, str, int], result: dict) -> None:
-    """Add a finished run (pilot, selection run) to the record and write it at once."""
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold the record at ``path`` for one read-merge-write (a lock file beside it): two
+    invocations on one record (a pilot in one terminal, runs in another) each add their runs
+    and neither writes over the other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def merge_record(record: dict, path: Path, run: tuple | None = None, result=None) -> None:
+    """Add a finished ``run`` (pilot, selection run; none: only refresh) to the record on disk,
+    re-read under the lock so that what another invocation recorded since this one loaded it
+    stays, write it at once, and make the in-memory ``record`` that."""
+    with locked(path):
+        fresh = load_record(path)
+        if run is not None:
+            add_result(fresh, run, result)
+        save_record(fresh, path)
+    record.clear()
+    record.update(fresh)
+
+
+def add_result(record: dict, run: tuple[Size, str, int], result: dict) -> None:
+    """Put a finished run in ``record``, in place of a run of the same size, arm and seed."""
     if run[1] == "pilot":
         record["pilot"][str(result["n_per_class"])] = result
     else:
@@ -653,7 +680,6 @@ def record_result(record: dict, path: Path, run: tuple[Size, str, int], result: 
         record[part] = [r for r in record.get(part, [])
                         if (r["n_per_class"], r["arm"], r["seed"]) != key]  # fmt: skip
         record[part].append(result)
-    save_record(record, path)
 
 
 def pending(record: dict, sizes: list[int], arm_names: list[str], seeds: int):
@@ -1013,12 +1039,12 @@ def main() -> None:
     execution["platform"] = platform.platform()
 
     def on_result(run: tuple[Size, str, int], result: dict) -> None:
-        record_result(record, args.results, run, result | {"execution": execution})
+        merge_record(record, args.results, run, result | {"execution": execution})
         share()
 
     def share() -> None:  # se_val's final runs that another arm's recorded run already is
         for result in shared_runs(record):
-            record_result(record, args.results, (None, "se_val", result["seed"]), result)
+            merge_record(record, args.results, (None, "se_val", result["seed"]), result)
 
     def names(units) -> set[tuple[int, str, int]]:
         return {(size.n_per_class, arm, seed) for size, arm, seed in units}
@@ -1049,7 +1075,7 @@ def main() -> None:
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):
             break  # nothing new became available
-    save_record(record, args.results)
+    merge_record(record, args.results)
     print(write_report(record, args.results))
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
     # a seed's se_val waits behind its selection runs: count it too

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import platform
 import sys
+import threading
 
 import pytest
 import torch
@@ -263,6 +264,36 @@ def test_record_survives_sessions(ev, tmp_path, monkeypatch, capsys) -> None:
     assert machines == [(k, execution["platform"]) for k in (0, 0, 1, 1)] + [
         (2, "machine two"), (2, "machine two")]  # fmt: skip
     assert "machine" not in record
+
+
+def test_two_invocations_on_one_record_keep_each_others_runs(ev, tmp_path) -> None:
+    # two invocations load the same record, then each finishes a different run: the second
+    # write must not drop the first's run (before the merge it wrote its stale copy over it)
+    path = record_with_pilot_50(ev, tmp_path / "record.json")
+    size = ev.Size(50, 7, 1)
+    first, second = ev.load_record(path), ev.load_record(path)
+    ev.merge_record(first, path, (size, "baseline", 0), fake_result(size, "baseline", 0))
+    ev.merge_record(second, path, (size, "se", 0), fake_result(size, "se", 0))
+    ev.merge_record(first, path)  # the end of an invocation: nothing new, a refresh
+    on_disk = json.loads(path.read_text())
+    assert sorted((r["arm"], r["seed"]) for r in on_disk["runs"]) == [("baseline", 0), ("se", 0)]
+    assert on_disk["pilot"]["50"]["epochs"] == 7
+    assert first == on_disk and second["runs"] == on_disk["runs"]
+
+    # and at the same moment: two writers of 20 runs each (seeds 0-19 and 20-39), 40 recorded
+    def writer(seeds: range) -> None:
+        record = ev.load_record(path)
+        for seed in seeds:
+            ev.merge_record(record, path, (size, "drloc", seed), fake_result(size, "drloc", seed))
+
+    threads = [threading.Thread(target=writer, args=(range(k, k + 20),)) for k in (0, 20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(r["seed"] for r in runs if r["arm"] == "drloc") == list(range(40))
+    assert len(runs) == 42
 
 
 def test_record_of_another_protocol_is_refused(ev, tmp_path, monkeypatch) -> None:
