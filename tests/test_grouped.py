@@ -13,6 +13,7 @@ from spatial_entropy.checkpoint import load_weights
 from spatial_entropy.config import load_config
 from spatial_entropy.engine import train
 from spatial_entropy.grouped import check_group, train_group
+from spatial_entropy.runs import RunInUseError, RunPaths, training_lock
 
 SE_ON = {"weight": 0.5, "schedule": "constant"}
 DRLOC_ON = {"weight": 0.7, "pairs": 8, "hidden": 16}
@@ -108,6 +109,20 @@ def test_refusals_leave_runs_as_they_were(recipe, tmp_path):
     with pytest.raises(ValueError, match="not element-wise"):
         train_group([load_config(values=recipe | {"opt": "lamb"})], [tmp_path / "lamb"])
     assert not (tmp_path / "lamb").exists()
+
+
+def test_a_group_whose_run_or_checkpoint_is_being_trained_is_refused(recipe, tmp_path):
+    config = load_config(values=recipe | {"epochs": 1})
+    ckpt = tmp_path / "group.pt"
+    # another process training a run directory, or the group's checkpoint, holds its lock
+    for busy, held in ((tmp_path / "b", RunPaths(tmp_path / "b").training_lock()),
+                       (ckpt, training_lock(tmp_path / "group.pt.lock", ckpt))):  # fmt: skip
+        with held, pytest.raises(RunInUseError, match=f"{busy} is being trained by another"):
+            train_group([config, config], [tmp_path / "a", tmp_path / "b"], checkpoint=ckpt)
+        # nothing written, no lock left: only the (empty) directory the first holder made
+        assert [p.name for p in tmp_path.iterdir()] == ["b"] and not any((tmp_path / "b").iterdir())
+    train_group([config], [tmp_path / "a"], checkpoint=ckpt)  # released: it trains
+    assert {p.name for p in tmp_path.iterdir()} - {"data"} == {"a", "b", "group.pt"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

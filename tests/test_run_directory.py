@@ -27,7 +27,7 @@ from spatial_entropy.distributed import DistributedInfo
 from spatial_entropy.engine import build_training_run, train
 from spatial_entropy.evaluation import evaluate_run
 from spatial_entropy.models import create_model, load_checkpoint_into
-from spatial_entropy.runs import load_run, to_json
+from spatial_entropy.runs import RunPaths, load_run, to_json
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
@@ -153,6 +153,25 @@ def test_overwrite_validates_first_then_replaces_the_whole_run(finished, tiny_se
     assert not (run / "eval.json").exists() and (run / "notes.txt").read_text() == "mine"
     assert [r["step"] for r in _rows(run)] == ["2"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt"]
+
+
+@pytest.mark.slow
+def test_a_run_being_trained_is_neither_trained_again_nor_overwritten(finished, tiny_sets, capsys):
+    run, before = finished
+
+    def unchanged() -> bool:
+        return {k: v for k, v in _hashes(run).items() if k != ".lock"} == before
+
+    # another process training it holds its lock (flock: any two opens of the file conflict)
+    with RunPaths(run).training_lock():
+        for extra in (["--overwrite", *tiny_sets()], ["--resume", "auto"], tiny_sets()):
+            _refused(capsys, ["train", "--output", str(run), *extra], "trained by another process")
+            assert unchanged(), extra
+    assert not (run / ".lock").exists()  # released and removed with the block
+    # a lock file left by a killed process holds nothing: the run continues
+    (run / ".lock").write_bytes(b"")
+    assert main(["train", "--output", str(run), "--resume", "auto", "--set", "max_steps=4"]) == 0
+    assert [r["step"] for r in _rows(run)] == ["2", "4"] and not (run / ".lock").exists()
 
 
 def test_a_start_that_fails_validation_creates_nothing(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import io
@@ -9,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ from spatial_entropy.regularizers import (
     SpatialEntropyRegularizer,
 )
 from spatial_entropy.rng import get_rng_state, set_rng_state
-from spatial_entropy.runs import RunPaths, write_json
+from spatial_entropy.runs import RunInUseError, RunPaths, write_json
 
 __all__ = [
     "train",
@@ -592,10 +593,12 @@ def train(
     Without ``resume``, a ``run_dir`` that holds a run is refused unless ``overwrite``, which
     deletes that run's files (:meth:`RunPaths.remove_run`) before the new run writes its own.
 
-    Under torchrun, every process calls this; only rank 0 writes files.
+    Under torchrun, every process calls this; only rank 0 writes files. While it trains, rank 0
+    holds ``run_dir`` (:meth:`RunPaths.training_lock`): a second training of it is refused.
 
     Raises:
         FileExistsError: ``run_dir`` holds a run, and neither ``resume`` nor ``overwrite``.
+        RunInUseError: another process is training ``run_dir`` (an ``OSError``).
         ValueError: a resume that would change a key outside ``RESUMABLE_KEYS``, shorten the
             run, or change the global batch; ``UnreadableFileError`` when no checkpoint can be
             read.
@@ -605,9 +608,27 @@ def train(
         raise ValueError("resume and overwrite exclude each other")
     info = init_distributed(config.device)
     try:
-        return _train(config, Path(run_dir), info, resume, overwrite, datasets)
+        with _hold_run_dir(RunPaths(run_dir), info):
+            return _train(config, Path(run_dir), info, resume, overwrite, datasets)
     finally:
         cleanup_distributed()
+
+
+@contextlib.contextmanager
+def _hold_run_dir(paths: RunPaths, info: DistributedInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory while training (:meth:`RunPaths.training_lock`); when
+    another process holds it, every rank raises the same ``RunInUseError``."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if info.is_main:
+            try:
+                stack.enter_context(paths.training_lock())
+            except RunInUseError as exc:
+                refusal = str(exc)
+        refusal = all_gather_object(refusal)[0]
+        if refusal is not None:
+            raise RunInUseError(refusal)
+        yield
 
 
 def _train(

@@ -36,6 +36,7 @@ ends (without a ``checkpoint``, a killed group leaves no run behind and starts a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -80,7 +81,7 @@ from spatial_entropy.entropy import spatial_entropy
 from spatial_entropy.files import atomic_write
 from spatial_entropy.regularizers import DRLocRegularizer, SpatialEntropyRegularizer
 from spatial_entropy.rng import get_rng_state, set_rng_state
-from spatial_entropy.runs import RunPaths, write_json
+from spatial_entropy.runs import RunPaths, training_lock, write_json
 
 __all__ = ["train_group", "check_group", "GROUP_KEYS"]
 
@@ -405,13 +406,16 @@ def train_group(
     ``datasets`` replaces ``(train, val)`` built from the first config, as in
     :func:`~spatial_entropy.engine.train`. The run directories are written when the group
     ends; a directory that already holds a run, or a ``checkpoint`` that exists, is refused
-    unless ``overwrite`` or the group resumes from its checkpoint.
+    unless ``overwrite`` or the group resumes from its checkpoint. While the group trains, its
+    run directories and its checkpoint are held
+    (:func:`~spatial_entropy.runs.training_lock`).
 
     Raises:
         ValueError: see :func:`check_group`; ``run_dirs`` not one per config, or repeated;
             ``resume`` from a checkpoint written for other configs.
         FileExistsError: a run directory holds a run or the checkpoint exists, and neither
             ``overwrite`` nor a resume.
+        RunInUseError: another process trains one of those directories or the checkpoint.
         FloatingPointError: a copy's training or validation loss is not finite.
     """
     configs = list(configs)
@@ -419,6 +423,25 @@ def train_group(
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) != len(configs) or len({d.resolve() for d in dirs}) != len(dirs):
         raise ValueError(f"a group needs one distinct run directory per config, got {dirs}")
+    with contextlib.ExitStack() as stack:  # no other process trains these (training_lock)
+        for path in dirs:
+            stack.enter_context(RunPaths(path).training_lock())
+        if checkpoint:
+            stack.enter_context(training_lock(Path(f"{checkpoint}.lock"), Path(checkpoint)))
+        return _train_group(configs, dirs, checkpoint, resume, overwrite, datasets,
+                            fused_attention)  # fmt: skip
+
+
+def _train_group(
+    configs: list[TrainConfig],
+    dirs: list[Path],
+    checkpoint: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    datasets: tuple[Dataset, Dataset] | None,
+    fused_attention: bool,
+) -> list[dict[str, Any]]:
+    """:func:`train_group` once its directories are held."""
     state = _read_state(Path(checkpoint), configs) if resume and checkpoint else None
     finished = [json.loads(RunPaths(d).metrics.read_text()) for d in dirs
                 if RunPaths(d).metrics.is_file() and RunPaths(d).weights.is_file()]  # fmt: skip

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; training_lock holds nothing there
+    fcntl = None
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -28,7 +35,20 @@ from spatial_entropy.data.registry import dataset_class
 # and this module builds models, so the name is defined there.
 from spatial_entropy.models import MODEL_WEIGHTS_NAME, create_model, load_checkpoint_into
 
-__all__ = ["RunPaths", "data_source", "labels_match_run", "load_run", "to_json", "write_json"]
+__all__ = [
+    "RunInUseError",
+    "RunPaths",
+    "data_source",
+    "labels_match_run",
+    "load_run",
+    "to_json",
+    "training_lock",
+    "write_json",
+]
+
+
+class RunInUseError(OSError):
+    """Another process is training the run directory (see :meth:`RunPaths.training_lock`)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,18 @@ class RunPaths:
         """The training checkpoints (see ``checkpoint.save_checkpoint``)."""
         return self.root / "checkpoints"
 
+    @property
+    def lock(self) -> Path:
+        """Present while a process trains the run (:meth:`training_lock`); not a run file."""
+        return self.root / ".lock"
+
+    def training_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold ``root`` for this process while the block runs: a second training of the same
+        directory (another terminal, an ``--overwrite`` of a run in progress) raises
+        :class:`RunInUseError` at once instead of mixing its checkpoints with this one's or
+        deleting its files. See :func:`training_lock` (the file is :attr:`lock`)."""
+        return training_lock(self.lock, self.root)
+
     def run_files(self) -> list[Path]:
         """The files and folders of a run that exist in ``root``: a non-empty list means that
         ``root`` holds a run (or the start of one). Other files in ``root`` are not the run's."""
@@ -109,6 +141,45 @@ class RunPaths:
         return temporary_files(self.root, names) + temporary_files(
             self.checkpoints, CHECKPOINT_FILES
         )
+
+
+@contextlib.contextmanager
+def training_lock(lock: Path, held: Path) -> Iterator[None]:
+    """Hold ``held`` (a run directory, a group's checkpoint) for this process while the block
+    runs, by an exclusive ``flock`` on the file ``lock``; raise :class:`RunInUseError` at once
+    when another process holds it. The lock is the kernel's: a killed process releases it, so
+    nothing stale ever blocks a resume; the file is removed at the end. A directory of ``lock``
+    that this call created is removed again if the block fails leaving it empty."""
+    if fcntl is None:
+        yield
+        return
+    created = not lock.parent.exists()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock, "a")  # held across the yield
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunInUseError(
+                f"{held} is being trained by another process; let it finish or stop it "
+                "(--resume auto then continues it), or choose another --output"
+            ) from None
+        try:  # the holder may have finished and removed the file between open and flock
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+        if failed and created and not any(lock.parent.iterdir()):
+            lock.parent.rmdir()
 
 
 def _finite_or_none(value: Any) -> Any:
