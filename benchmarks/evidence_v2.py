@@ -33,8 +33,9 @@ JSON (``--results``, default the committed benchmarks/results/evidence_v2.json) 
 finishes, atomically (``se_val``'s three selection runs too, as units of their own); an
 invocation skips every run recorded there, so a fresh machine without ``runs/`` continues
 where the last one stopped. Each write re-reads the record under a lock (`merge_record`), so
-two invocations on one record (one per arm list, one per terminal) keep each other's runs. Runs go in seed order (seed 0 of every
-size and arm, then seed 1, ...), so a partial record stays paired. With ``--group`` the runs of
+two invocations on one record (one per arm list, one per terminal) keep each other's runs.
+Runs go in seed order (seed 0 of every size and arm, then seed 1, ...), so a partial record
+stays paired. With ``--group`` the runs of
 a seed and size that differ only in their regularisers (`GROUPS`) train as one vmapped step
 (spatial_entropy.grouped, for a GPU) and are recorded one by one as usual, each saying it was
 a copy (``group``).
