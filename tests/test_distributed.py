@@ -14,6 +14,7 @@ from spatial_entropy.checkpoint import latest_checkpoint, load_checkpoint, save_
 from spatial_entropy.config import load_config, save_config
 from spatial_entropy.drloc import DRLocHead
 from spatial_entropy.models import create_model
+from spatial_entropy.runs import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
         p.name for p in (tmp_path / "single").iterdir()
     )
+
+
+def test_every_rank_stops_when_another_process_trains_the_run(tmp_path):
+    # rank 0 cannot take the run's lock: the other rank must stop too, not wait for rank 0 in
+    # its first collective (the timeout would catch a hang)
+    run_dir = tmp_path / "busy"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sets = [arg for item in [*TINY, "batch_size=4"] for arg in ("--set", item)]
+    command = [*torchrun, "-m", "spatial_entropy", "train", "--output", str(run_dir), *sets]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with RunPaths(run_dir).training_lock():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("is being trained by another process") == 2, done.stderr[-3000:]
+    assert list(run_dir.iterdir()) == []  # the holder's lock went with it; nothing written
 
 
 def test_evaluate_with_attention_under_torchrun_matches_one_process(tmp_path):

@@ -69,7 +69,7 @@ from spatial_entropy.regularizers import (
     SpatialEntropyRegularizer,
 )
 from spatial_entropy.rng import get_rng_state, set_rng_state
-from spatial_entropy.runs import RunInUseError, RunPaths, write_json
+from spatial_entropy.runs import RunPaths, write_json
 
 __all__ = [
     "train",
@@ -617,17 +617,18 @@ def train(
 @contextlib.contextmanager
 def _hold_run_dir(paths: RunPaths, info: DistributedInfo) -> Iterator[None]:
     """Rank 0 holds the run directory while training (:meth:`RunPaths.training_lock`); when
-    another process holds it, every rank raises the same ``RunInUseError``."""
+    it cannot (another process holds it: ``RunInUseError``; an unwritable directory), every
+    rank raises, rather than the others waiting for rank 0 in their first collective."""
     with contextlib.ExitStack() as stack:
-        refusal = None
+        error = None
         if info.is_main:
             try:
                 stack.enter_context(paths.training_lock())
-            except RunInUseError as exc:
-                refusal = str(exc)
-        refusal = all_gather_object(refusal)[0]
-        if refusal is not None:
-            raise RunInUseError(refusal)
+            except OSError as exc:
+                error = exc
+        message = all_gather_object(None if error is None else str(error))[0]
+        if message is not None:
+            raise error or OSError(message)
         yield
 
 
