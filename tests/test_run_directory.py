@@ -175,10 +175,10 @@ def test_a_run_being_trained_is_neither_trained_again_nor_overwritten(finished, 
 
 
 def test_a_start_that_fails_validation_creates_nothing(tmp_path, capsys):
-    run = tmp_path / "new"
-    argv = ["train", "--output", str(run), "--set", "dataset=nope", "--set", "num_workers=0"]
-    _refused(capsys, argv, "nope")
-    assert not run.exists()
+    for run in (tmp_path / "new", tmp_path / "deeper" / "still" / "new"):
+        argv = ["train", "--output", str(run), "--set", "dataset=nope", "--set", "num_workers=0"]
+        _refused(capsys, argv, "nope")
+        assert list(tmp_path.iterdir()) == [], run
 
 
 @pytest.mark.slow

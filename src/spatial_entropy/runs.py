@@ -148,15 +148,33 @@ def training_lock(lock: Path, held: Path) -> Iterator[None]:
     """Hold ``held`` (a run directory, a group's checkpoint) for this process while the block
     runs, by an exclusive ``flock`` on the file ``lock``; raise :class:`RunInUseError` at once
     when another process holds it. The lock is the kernel's: a killed process releases it, so
-    nothing stale ever blocks a resume; the file is removed at the end. A directory of ``lock``
-    that this call created is removed again if the block fails leaving it empty."""
+    nothing stale ever blocks a resume; the file is removed at the end. The directories that this
+    call created for ``lock`` are removed again if the block fails leaving them empty."""
     if fcntl is None:
         yield
         return
-    created = not lock.parent.exists()
+    created = [d for d in (lock.parent, *lock.parent.parents) if not d.exists()]  # deepest first
     lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = _acquire(lock, held)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+        if failed:
+            _remove_empty(created)
+
+
+def _acquire(lock: Path, held: Path):
+    """The open file ``lock``, exclusively flocked by this process (see :func:`training_lock`)."""
     while True:
-        handle = open(lock, "a")  # held across the yield
+        handle = open(lock, "a")  # held until training_lock's block ends
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -167,19 +185,18 @@ def training_lock(lock: Path, held: Path) -> Iterator[None]:
             ) from None
         try:  # the holder may have finished and removed the file between open and flock
             if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
+                return handle
         except FileNotFoundError:
             pass
         handle.close()
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        lock.unlink(missing_ok=True)
-        handle.close()
-        if failed and created and not any(lock.parent.iterdir()):
-            lock.parent.rmdir()
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) while they are empty."""
+    for directory in directories:
+        if any(directory.iterdir()):
+            return
+        directory.rmdir()
 
 
 def _finite_or_none(value: Any) -> Any:
