@@ -35,10 +35,9 @@ invocation skips every run recorded there, so a fresh machine without ``runs/`` 
 where the last one stopped. Each write re-reads the record under a lock (`merge_record`), so
 two invocations on one record (one per arm list, one per terminal) keep each other's runs.
 Runs go in seed order (seed 0 of every size and arm, then seed 1, ...), so a partial record
-stays paired. With ``--group`` the runs of
-a seed and size that differ only in their regularisers (`GROUPS`) train as one vmapped step
-(spatial_entropy.grouped, for a GPU) and are recorded one by one as usual, each saying it was
-a copy (``group``).
+stays paired. With ``--group`` the runs of a seed and size that differ only in their
+regularisers (`GROUPS`) train as one vmapped step (spatial_entropy.grouped, for a GPU) and are
+recorded one by one as usual, each saying it was a copy (``group``).
 
     timeout 150m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1  # CPU
     bash benchmarks/gpu_session.sh evidence 10                            # a lent GPU
