@@ -155,18 +155,15 @@ def training_lock(lock: Path, held: Path) -> Iterator[None]:
         return
     created = [d for d in (lock.parent, *lock.parent.parents) if not d.exists()]  # deepest first
     lock.parent.mkdir(parents=True, exist_ok=True)
+    handle, failed = None, True
     try:
-        handle = _acquire(lock, held)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    failed = True
-    try:
+        handle = _acquire(lock, held)  # a refusal leaves the holder's file alone
         yield
         failed = False
     finally:
-        lock.unlink(missing_ok=True)
-        handle.close()
+        if handle is not None:
+            lock.unlink(missing_ok=True)
+            handle.close()
         if failed:
             _remove_empty(created)
 
