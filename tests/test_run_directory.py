@@ -162,7 +162,7 @@ def test_a_run_being_trained_is_neither_trained_again_nor_overwritten(finished, 
     def unchanged() -> bool:
         return {k: v for k, v in _hashes(run).items() if k != ".lock"} == before
 
-    # another process training it holds its lock (flock: any two opens of the file conflict)
+    # another training holds its lock (in this process: refused by the registry of held locks)
     with RunPaths(run).training_lock():
         for extra in (["--overwrite", *tiny_sets()], ["--resume", "auto"], tiny_sets()):
             _refused(capsys, ["train", "--output", str(run), *extra], "trained by another process")

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,10 +147,11 @@ class RunPaths:
 @contextlib.contextmanager
 def training_lock(lock: Path, held: Path) -> Iterator[None]:
     """Hold ``held`` (a run directory, a group's checkpoint) for this process while the block
-    runs, by an exclusive ``flock`` on the file ``lock``; raise :class:`RunInUseError` at once
-    when another process holds it. The lock is the kernel's: a killed process releases it, so
-    nothing stale ever blocks a resume; the file is removed at the end. The directories that this
-    call created for ``lock`` are removed again if the block fails leaving them empty."""
+    runs, by an exclusive lock on the file ``lock`` (see `_acquire`); raise
+    :class:`RunInUseError` at once when another process holds it, or this one in another
+    block. The lock is the kernel's: a killed process releases it, so nothing stale ever blocks
+    a resume; the file is removed at the end. The directories that this call created for
+    ``lock`` are removed again if the block fails leaving them empty."""
     if fcntl is None:
         yield
         return
@@ -163,29 +165,43 @@ def training_lock(lock: Path, held: Path) -> Iterator[None]:
     finally:
         if handle is not None:
             lock.unlink(missing_ok=True)
+            with _HELD_GUARD:
+                _HELD.discard(lock.resolve())
             handle.close()
         if failed:
             _remove_empty(created)
 
 
+_HELD: set[Path] = set()  # the locks this process holds (POSIX locks never conflict within one)
+_HELD_GUARD = threading.Lock()
+
+
 def _acquire(lock: Path, held: Path):
-    """The open file ``lock``, exclusively flocked by this process (see :func:`training_lock`)."""
-    while True:
-        handle = open(lock, "a")  # held until training_lock's block ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    """The open file ``lock``, locked by this process (see :func:`training_lock`). A POSIX
+    record lock (``lockf``), not ``flock``: it belongs to the process, so DataLoader workers
+    forked while training do not inherit it, and a killed run's workers, still exiting, do not
+    refuse its resume. Within the process, :data:`_HELD` refuses a second holder."""
+    refusal = RunInUseError(
+        f"{held} is being trained by another process; let it finish or stop it "
+        "(--resume auto then continues it), or choose another --output"
+    )
+    with _HELD_GUARD:
+        if lock.resolve() in _HELD:
+            raise refusal
+        while True:
+            handle = open(lock, "a")  # held until training_lock's block ends
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EACCES or EAGAIN: another process holds it
+                handle.close()
+                raise refusal from None
+            try:  # the holder may have finished and removed the file between open and lock
+                if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                    _HELD.add(lock.resolve())
+                    return handle
+            except FileNotFoundError:
+                pass
             handle.close()
-            raise RunInUseError(
-                f"{held} is being trained by another process; let it finish or stop it "
-                "(--resume auto then continues it), or choose another --output"
-            ) from None
-        try:  # the holder may have finished and removed the file between open and flock
-            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
-        handle.close()
 
 
 def _remove_empty(directories: list[Path]) -> None:
