@@ -326,18 +326,39 @@ def train_as_group(
 RUN_OVERHEAD_S = 30.0
 
 
+def step_costs(record: dict) -> dict[str, float]:
+    """Each arm's seconds per step relative to the baseline's, measured by the record's runs
+    (the median of ``train_time_s / steps`` over each arm's runs; a record's runs share a
+    device): on two CPU cores ConViT's step costs ~3.4 baseline steps. Copies trained in a
+    group (their time is the group's) and runs that are another's (``same_run_as``) do not
+    count; an arm without runs, or every arm of a record without a baseline run, is absent
+    (cost 1 in `expected_seconds`)."""
+    per_step: dict[str, list[float]] = {}
+    for run in record["runs"]:
+        if run.get("group") or run.get("same_run_as") or not run.get("steps"):
+            continue
+        per_step.setdefault(run["arm"], []).append(run["train_time_s"] / run["steps"])
+    if "baseline" not in per_step:
+        return {}
+    base = statistics.median(per_step["baseline"])
+    return {arm: statistics.median(times) / base for arm, times in per_step.items()}
+
+
 def expected_seconds(
     run: tuple[Size, str, int],
     step_seconds: float,
     work_dir: Path | None = None,
     resume_begun: bool = False,
+    costs: dict[str, float] | None = None,
 ) -> float:
-    """A unit's expected wall time at ``step_seconds`` per (group) step: its full length in
-    steps (a pilot may stop sooner; a selection run has fewer images), less what its
-    checkpoints in ``work_dir`` hold (`steps_left`), plus `RUN_OVERHEAD_S`. With
-    ``resume_begun``, 0 for a unit that has checkpoints: it starts whatever the time left (a
-    unit begun in a lent session's first call and cut off by its end is lost if the second
-    call does not resume it)."""
+    """A unit's expected wall time at ``step_seconds`` per (group) step, a single run's step
+    scaled by its arm's cost (``costs``, `step_costs`; 1 for an arm absent from it, a group or
+    a pilot): its full length in steps (a pilot may stop sooner; a selection run has fewer
+    images), less what its checkpoints in ``work_dir`` hold (`steps_left`), plus
+    `RUN_OVERHEAD_S`. With ``resume_begun``, 0 for a unit that has checkpoints: it starts
+    whatever the time left (a unit begun in a lent session's first call and cut off by its
+    end is lost if the second call does not resume it)."""
+    step_seconds *= (costs or {}).get(run[1], 1.0)
     if work_dir is None:
         return RUN_OVERHEAD_S + _full_steps(run[0]) * step_seconds
     if resume_begun and begun(run, work_dir):
@@ -994,7 +1015,9 @@ def main() -> None:
                         help="start no run after MIN minutes (pilot included)")  # fmt: skip
     parser.add_argument("--step-seconds", type=float, default=None, metavar="S",
                         help="with --time-budget: start only a run (group, pilot) expected "
-                        f"to finish in time, at S s per step plus {RUN_OVERHEAD_S} s")  # fmt: skip
+                        f"to finish in time, at S s per step plus {RUN_OVERHEAD_S} s; another "
+                        "arm's step at S times its cost relative to the baseline's, as the "
+                        "record measured it (ConViT's ~3.4 on a CPU)")  # fmt: skip
     parser.add_argument("--resume-begun", action="store_true",
                         help="with --step-seconds: resume every unit with checkpoints, "
                         "whatever the time left (the second call of a lent session)")  # fmt: skip
@@ -1064,13 +1087,18 @@ def main() -> None:
         }
         run_fn = functools.partial(run_arm, speed=speed, selections=selections)
         units = group_units(runs) if args.group else runs
+        duration = None if args.step_seconds is None else functools.partial(
+            expected_seconds, step_seconds=args.step_seconds, work_dir=args.work_dir,
+            resume_begun=args.resume_begun, costs=step_costs(record))  # fmt: skip
+        for size, arm, seed in pilots + units if duration and args.time_budget else []:
+            if (need := duration((size, arm, seed))) > (left := budget_left()):
+                print(f"n={size.n_per_class} {arm} seed {seed}: not started, expected "
+                      f"{need / 60:.0f} min, {left / 60:.0f} left", flush=True)  # fmt: skip
         execute(
             pilots + units, args.work_dir, variant=Variant(img_size=IMG_SIZE),
             device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
             order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
-            duration=None if args.step_seconds is None else
-            functools.partial(expected_seconds, step_seconds=args.step_seconds,
-                              work_dir=args.work_dir, resume_begun=args.resume_begun),
+            duration=duration,
         )  # fmt: skip
         after = pending(record, args.sizes, arm_names, args.seeds)
         if not names(after[0] + after[1]) - names(pilots + runs):

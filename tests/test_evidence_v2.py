@@ -639,3 +639,50 @@ def test_steps_left_after_what_checkpoints_hold_by_hand(ev, tmp_path) -> None:
     _checkpoint_at(pilot_dir, 3000)
     (pilot_dir / "metrics.json").write_text("{}")
     assert ev.steps_left((pilot, "pilot", 0), work) == 400 * 15 - 3000
+
+
+def test_step_costs_and_a_costly_arms_expected_seconds_by_hand(ev) -> None:
+    def run(arm, seconds, steps=100, **extra):
+        return {"arm": arm, "train_time_s": seconds, "steps": steps} | extra
+
+    record = {"runs": [
+        run("baseline", 100.0), run("baseline", 120.0), run("baseline", 400.0),  # median 1.2/step
+        run("convit", 360.0), run("convit", 420.0, steps=200),  # 3.6 and 2.1 s/step: median 2.85
+        run("se", 1.0, group="group:baseline+se"),  # the group's time: not counted
+        run("se_val", 1.0, same_run_as="se"),  # another arm's run: not counted
+    ]}  # fmt: skip
+    costs = ev.step_costs(record)
+    assert costs == pytest.approx({"baseline": 1.0, "convit": 2.85 / 1.2})
+    size = ev.Size(50, 400, 5)  # 2,800 steps
+    assert ev.expected_seconds((size, "convit", 1), 0.5, costs=costs) == pytest.approx(
+        ev.RUN_OVERHEAD_S + 2800 * 0.5 * 2.85 / 1.2
+    )
+    for unknown in ("se", "group:baseline+se", "pilot"):  # no measured cost: the baseline's
+        assert ev.expected_seconds((size, unknown, 1), 0.5, costs=costs) == pytest.approx(
+            ev.RUN_OVERHEAD_S + 2800 * 0.5
+        )
+    # without a baseline run there is nothing to be relative to
+    assert ev.step_costs({"runs": [run("convit", 360.0)]}) == {}
+
+
+def test_a_run_too_costly_for_the_time_budget_is_not_started(
+    ev, tmp_path, monkeypatch, capsys
+) -> None:
+    results = record_with_pilot_50(ev, tmp_path / "record.json")
+    record = ev.load_record(results)
+    for arm, seconds in (("baseline", 49.0), ("convit", 49.0 * 3.4)):  # 49 steps at 7 epochs
+        record["runs"].append(fake_result(ev.Size(50, 7, 5), arm, 0) | {
+            "steps": 49, "train_time_s": seconds})  # fmt: skip
+    ev.save_record(record, results)
+    calls = []
+    monkeypatch.setattr(ev, "run_arm", lambda size, arm, seed, *rest, **kw: calls.append(
+        (arm, seed)) or fake_result(size, arm, seed))  # fmt: skip
+    # 2 minutes at 1 s per baseline step: seed 1's baseline needs 30 + 49 s, its ConViT
+    # 30 + 49 * 3.4 = 197 s
+    monkeypatch.setattr(sys, "argv", ["evidence_v2", "--sizes", "50", "--arms", "baseline",
+                                      "convit", "--seeds", "2", "--results", str(results),
+                                      "--time-budget", "2", "--step-seconds", "1",
+                                      "--work-dir", str(tmp_path / "w")])  # fmt: skip
+    ev.main()
+    assert calls == [("baseline", 1)]
+    assert "n=50 convit seed 1: not started, expected 3 min, 2 left" in capsys.readouterr().out
