@@ -39,7 +39,8 @@ stays paired. With ``--group`` the runs of a seed and size that differ only in t
 regularisers (`GROUPS`) train as one vmapped step (spatial_entropy.grouped, for a GPU) and are
 recorded one by one as usual, each saying it was a copy (``group``).
 
-    timeout 150m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1  # CPU
+    timeout 160m python benchmarks/evidence_v2.py --sizes 50 --jobs 2 --threads 1 \
+        --time-budget 150 --step-seconds 1.75                             # CPU
     bash benchmarks/gpu_session.sh evidence 10                            # a lent GPU
     python benchmarks/evidence_v2.py --report benchmarks/results/evidence_v2.json
 
