@@ -990,7 +990,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="the record (read, extended); default evidence_v2.json for "
                         "--device cuda, evidence_v2_cpu.json for --device cpu")  # fmt: skip
-    parser.add_argument("--work-dir", type=Path, default=Path("runs") / "evidence_v2")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="the runs' directories; default runs/ and the record's name "
+                        "(runs/evidence_v2_cpu for the CPU record)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument(
@@ -1038,6 +1040,8 @@ def main() -> None:
         parser.error(f"--arms: unknown or disabled {sorted(unknown)}; enabled: {list(arms())}")
     if args.results is None:
         args.results = RESULTS if args.device == "cuda" else RESULTS_CPU
+    if args.work_dir is None:  # a record's runs beside each other, named after it
+        args.work_dir = Path("runs") / args.results.stem
     if args.pilot_epochs and args.results.resolve() in (RESULTS.resolve(), RESULTS_CPU.resolve()):
         parser.error("--pilot-epochs changes the protocol: give a scratch --results")
     if args.pilot_epochs:

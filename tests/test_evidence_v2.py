@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -494,6 +495,34 @@ def test_cpu_and_gpu_runs_go_to_separate_records_by_default(ev, tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["evidence_v2", "--pilot-epochs", "1", "--device", "cpu"])
     with pytest.raises(SystemExit):
         ev.main()
+
+
+def test_a_records_runs_default_to_a_directory_named_after_it(ev, tmp_path, monkeypatch) -> None:
+    # the README's plan command gives no --work-dir, and its attention_mass command reads the
+    # CPU record's runs from runs/evidence_v2_cpu
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, "RESULTS", tmp_path / "evidence_v2.json")
+    monkeypatch.setattr(ev, "RESULTS_CPU", tmp_path / "evidence_v2_cpu.json")
+    monkeypatch.setattr(ev, "device_name", lambda device: device)  # no GPU here
+    work_dirs = set()
+
+    def fake_run_arm(size, arm, seed, work_dir, *rest, **kw):
+        work_dirs.add(work_dir)
+        return fake_result(size, arm, seed)
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    expected = {
+        "cpu": {Path("runs/evidence_v2_cpu")},
+        "cuda": {Path("runs/evidence_v2")},
+        "scratch": {Path("runs/mine")},
+    }
+    for name, flags in (("cpu", []), ("cuda", ["--device", "cuda"]),
+                        ("scratch", ["--results", str(tmp_path / "x" / "mine.json")])):  # fmt: skip
+        work_dirs.clear()
+        monkeypatch.setattr(sys, "argv", ["evidence_v2", "--sizes", "50", "--arms", "baseline",
+                                          "--seeds", "1", *flags])  # fmt: skip
+        ev.main()
+        assert work_dirs == expected[name]
 
 
 def test_cost_lines_by_hand(ev) -> None:
