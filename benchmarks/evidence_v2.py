@@ -361,7 +361,7 @@ def expected_seconds(
     end is lost if the second call does not resume it)."""
     step_seconds *= (costs or {}).get(run[1], 1.0)
     if work_dir is None:
-        return RUN_OVERHEAD_S + _full_steps(run[0]) * step_seconds
+        return RUN_OVERHEAD_S + _full_steps(run[0], run[1]) * step_seconds
     if resume_begun and begun(run, work_dir):
         return 0.0
     return RUN_OVERHEAD_S + steps_left(run, work_dir) * step_seconds
@@ -375,7 +375,8 @@ def begun(run: tuple[Size, str, int], work_dir: Path) -> bool:
         return 0 < _newest_checkpoint_step(run_dir) < _full_steps(size)
     arms = arm.removeprefix(GROUP).split("+") if arm.startswith(GROUP) else [arm]
     own = any(
-        0 < _checkpoint_step(run_dir_of(size, a, seed, work_dir)) < _full_steps(size) for a in arms
+        0 < _checkpoint_step(run_dir_of(size, a, seed, work_dir)) < _full_steps(size, a)
+        for a in arms
     )
     if not arm.startswith(GROUP):
         return own
@@ -388,7 +389,7 @@ def steps_left(run: tuple[Size, str, int], work_dir: Path) -> int:
     (a run cut off, e.g. by the end of a call to a lent GPU, resumes from there). A group
     unit trains its group, then each member begun alone: their steps add up."""
     size, arm, seed = run
-    full = _full_steps(size)
+    full = _full_steps(size, arm)  # a group's members are all selection runs or none
     if arm == "pilot":  # it writes metrics after each chunk: only its checkpoints count
         run_dir = work_dir / "pilot" / f"n{size.n_per_class}_e{size.epochs}"
         return max(full - _newest_checkpoint_step(run_dir), 0)
@@ -420,10 +421,14 @@ def _newest_checkpoint_step(run_dir: Path) -> int:
 
 
 @functools.cache
-def _full_steps(size: Size) -> int:
-    """Optimiser steps of a run of ``size`` at its full length (10 classes, full batches)."""
+def _full_steps(size: Size, arm: str = "baseline") -> int:
+    """Optimiser steps of a run of ``size`` and ``arm`` (a group: its members') at its full
+    length (10 classes, full batches); a selection run trains on the images `carve` keeps."""
     batch = config_for(size, "baseline", 0, "cpu").batch_size
-    return size.epochs * (10 * size.n_per_class // batch)
+    images = 10 * size.n_per_class
+    if arm.removeprefix(GROUP).startswith(SELECTION):
+        images = len(carve([c for c in range(10) for _ in range(size.n_per_class)], 0)[0])
+    return size.epochs * (images // batch)
 
 
 def select_lambda(scores: dict[float, float]) -> dict:

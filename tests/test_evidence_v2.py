@@ -622,6 +622,21 @@ def test_a_units_expected_seconds_by_hand(ev) -> None:
     )
     group = (ev.Size(100, 400, 5), "group:baseline+se", 1)  # a group step counts once
     assert ev.expected_seconds(group, 0.2) == pytest.approx(ev.RUN_OVERHEAD_S + 400 * 15 * 0.2)
+    # a selection run trains on the 40 images per class that the carve leaves: 400 // 64 = 6
+    # full steps an epoch (the recorded ones: 2,400 steps), alone or as a group
+    size = ev.Size(50, 400, 5)
+    for unit in ((size, "se_val@0.1", 1), (size, "group:se_val@0.01+se_val@0.03+se_val@0.1", 1)):
+        assert ev.expected_seconds(unit, 0.1) == pytest.approx(ev.RUN_OVERHEAD_S + 400 * 6 * 0.1)
+
+
+def test_a_selection_runs_steps_left_by_hand(ev, tmp_path) -> None:
+    work, size = tmp_path / "w", ev.Size(50, 400, 5)
+    run = (size, "se_val@0.03", 2)
+    _checkpoint_at(ev.run_dir_of(size, "se_val@0.03", 2, work), 1800)
+    assert ev.steps_left(run, work) == 2400 - 1800
+    assert ev.begun(run, work)
+    _checkpoint_at(ev.run_dir_of(size, "se_val@0.03", 2, work), 2400)  # trained, not evaluated
+    assert ev.steps_left(run, work) == 0 and not ev.begun(run, work)
 
 
 def _checkpoint_at(run_dir, step: int) -> None:
