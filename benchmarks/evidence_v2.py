@@ -187,9 +187,11 @@ def _metrics(run_dir: Path) -> dict | None:
 
 
 def _train(config, run_dir: Path, datasets=None) -> dict:
-    """Train (resuming a checkpointed run) unless finished; the run's metrics."""
+    """Train unless finished, resuming what a cut-off left (the engine starts at step 0 when a
+    directory holds only the config of a run killed before its first checkpoint, and refuses
+    rather than drop results); the run's metrics."""
     if _metrics(run_dir) is None:
-        train(config, run_dir, resume=(run_dir / "checkpoints").is_dir(), datasets=datasets)
+        train(config, run_dir, resume=True, datasets=datasets)
     return _metrics(run_dir)
 
 
@@ -568,8 +570,7 @@ def run_pilot(size: Size, work_dir: Path, device: str, speed: dict | None = None
     for end in range(chunk, epochs + chunk, chunk):
         end = min(end, epochs)
         chunk_config = load_config(values=values | {"max_steps": end * steps_per_epoch})
-        metrics = train(chunk_config, run_dir, resume=(run_dir / "checkpoints").is_dir(),
-                        datasets=datasets)  # fmt: skip
+        metrics = train(chunk_config, run_dir, resume=True, datasets=datasets)
         log = pilot_log(run_dir)
         if decided_epochs(log, epochs) is not None:
             break

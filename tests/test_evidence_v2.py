@@ -446,6 +446,38 @@ def test_pilot_stops_once_decided_with_the_whole_pilots_choice(ev, tiny_pilot) -
     assert early["log"] == whole["log"][: early["trained_epochs"]]
 
 
+def _cut_before_first_checkpoint(run_dir: Path) -> None:
+    """Leave ``run_dir`` as a run killed before its first checkpoint leaves it: the config."""
+    for path in list(run_dir.rglob("*"))[::-1]:
+        if path.name != "config.yaml":
+            path.rmdir() if path.is_dir() else path.unlink()
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
+
+
+@pytest.mark.slow
+def test_a_pilot_cut_off_before_its_first_checkpoint_starts_again(ev, tiny_pilot, tmp_path):
+    whole = tiny_pilot("whole", chunk_evals=100, target=101.0)
+    _cut_before_first_checkpoint(tmp_path / "whole" / "pilot" / "n13_e8")
+    again = tiny_pilot("whole", chunk_evals=100, target=101.0)  # was: FileExistsError
+    assert again["log"] == whole["log"] and again["steps"] == whole["steps"] == 16
+
+
+@pytest.mark.slow
+def test_an_arms_run_cut_off_before_its_first_checkpoint_starts_again(
+    ev, tiny_pilot, tmp_path
+) -> None:
+    # a session's end killed the run within its first epoch (2026-11-30: se_drloc seed 3);
+    # tiny_pilot's patches give the tiny recipe (130 images, 2 steps an epoch)
+    size = ev.Size(13, 3, 1)
+    config = ev.config_for(size, "baseline", 0, "cpu")
+    run_dir = ev.run_dir_of(size, "baseline", 0, tmp_path / "runs")
+    whole = ev._train(config, run_dir)
+    _cut_before_first_checkpoint(run_dir)
+    again = ev._train(config, run_dir)  # was: FileExistsError, the run not recorded
+    assert again["steps"] == whole["steps"] == 6 and again["top1"] == whole["top1"]
+    assert (run_dir / "metrics.json").is_file()
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [
