@@ -418,6 +418,7 @@ def execute(
     order: Callable[[tuple[Size, str, int]], tuple] | None = None,
     on_result: Callable[[tuple[Size, str, int], dict], None] | None = None,
     duration: Callable[[tuple[Size, str, int]], float] | None = None,
+    refill: Callable[[], list[tuple[Size, str, int]]] | None = None,
 ) -> int:
     """Run (or read back) every run, ``jobs`` at a time in worker processes; start none after
     ``time_budget_s``. Returns how many runs were left unstarted.
@@ -431,7 +432,11 @@ def execute(
     reported with its own ``arm``); ``order`` sorts the runs (default: size,
     then seed, then the arms' order in ARMS); ``on_result(run, result)`` is called in this
     process as each run finishes (e.g. to record it). A run that raises is reported in one line
-    and left unrecorded; the others go on (a later invocation tries it again)."""
+    and left unrecorded; the others go on (a later invocation tries it again).
+
+    ``refill()``, called after each ``on_result``: the runs available now (e.g. those a
+    recorded pilot or selection unlocks); each not yet queued in this invocation joins the
+    queue at its place in ``order`` (a run that failed is not tried again)."""
     start = time.perf_counter()
     run_fn = run_fn or run_one
     if order is None:
@@ -444,6 +449,7 @@ def execute(
     queue = sorted(runs, key=order)
     total = len(queue)
     done = 0
+    seen = set(queue)
 
     def report(run: tuple[Size, str, int], result: dict | list[dict], seconds: float) -> None:
         nonlocal done, total
@@ -464,6 +470,11 @@ def execute(
         )
         if on_result is not None:
             on_result(run, result)
+        if refill is not None:
+            new = [run for run in refill() if run not in seen]
+            seen.update(new)
+            total += len(new)
+            queue[:] = sorted(queue + new, key=order)
 
     def time_left() -> bool:
         return time_budget_s is None or time.perf_counter() - start < time_budget_s

@@ -481,6 +481,19 @@ def selection_scores(record: dict, n: int, seed: int) -> dict[float, float]:
     }
 
 
+class RunArm:
+    """`run_arm` with the invocation's ``speed`` and the ``selections`` recorded so far, for
+    the worker processes. ``selections`` is replaced, never changed in place, as selection runs
+    are recorded: a submission the pool is still pickling in its own thread keeps the one it
+    was given."""
+
+    def __init__(self, speed: dict) -> None:
+        self.speed, self.selections = speed, {}
+
+    def __call__(self, *args):
+        return run_arm(*args, speed=self.speed, selections=self.selections)
+
+
 def run_arm(
     size: Size,
     arm: str,
@@ -1072,10 +1085,6 @@ def main() -> None:
     execution = {"jobs": args.jobs, "threads": args.threads, "group": args.group} | speed
     execution["platform"] = platform.platform()
 
-    def on_result(run: tuple[Size, str, int], result: dict) -> None:
-        merge_record(record, args.results, run, result | {"execution": execution})
-        share()
-
     def share() -> None:  # se_val's final runs that another arm's recorded run already is
         for result in shared_runs(record):
             merge_record(record, args.results, (None, "se_val", result["seed"]), result)
@@ -1084,36 +1093,44 @@ def main() -> None:
         return {(size.n_per_class, arm, seed) for size, arm, seed in units}
 
     # A size's runs can start only once its pilot is recorded, and se_val once its selection
-    # runs are; what is available runs side by side. A round that makes new runs available
-    # (a pilot, the last selection run of a seed) is followed by another.
-    share()
-    while True:
+    # runs are; what is available runs side by side, and what a recorded run makes available
+    # (a pilot, the last selection run of a seed) joins the queue in seed order (`available`).
+    run_fn = RunArm(speed)
+    queued: set[tuple[int, str, int]] = set()
+
+    def update_selections() -> None:
+        keys = {(r["n_per_class"], r["seed"]) for r in record["selection"]}
+        run_fn.selections = {key: selection_scores(record, *key) for key in keys}
+
+    def available() -> list[tuple[Size, str, int]]:
+        """The units now available and not yet queued in this invocation."""
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
         runs = [] if args.pilots_only else runs
-        if not pilots + runs or (budget_left() is not None and budget_left() <= 0):
-            break
-        selections = {
-            (r["n_per_class"], r["seed"]): selection_scores(record, r["n_per_class"], r["seed"])
-            for r in record["selection"]
-        }
-        run_fn = functools.partial(run_arm, speed=speed, selections=selections)
-        units = group_units(runs) if args.group else runs
+        fresh = [run for run in pilots + runs if names([run]) - queued]
+        queued.update(names(fresh))
+        return group_units(fresh) if args.group else fresh
+
+    def on_result(run: tuple[Size, str, int], result: dict) -> None:
+        merge_record(record, args.results, run, result | {"execution": execution})
+        share()
+        update_selections()
+
+    share()
+    update_selections()
+    units = available()
+    if units and (budget_left() is None or budget_left() > 0):
         duration = None if args.step_seconds is None else functools.partial(
             expected_seconds, step_seconds=args.step_seconds, work_dir=args.work_dir,
             resume_begun=args.resume_begun, costs=step_costs(record))  # fmt: skip
-        for size, arm, seed in pilots + units if duration and args.time_budget else []:
+        for size, arm, seed in units if duration and args.time_budget else []:
             if (need := duration((size, arm, seed))) > (left := budget_left()):
                 print(f"n={size.n_per_class} {arm} seed {seed}: not started, expected "
                       f"{need / 60:.0f} min, {left / 60:.0f} left", flush=True)  # fmt: skip
         execute(
-            pilots + units, args.work_dir, variant=Variant(img_size=IMG_SIZE),
-            device=args.device, threads=args.threads, run_fn=run_fn, on_result=on_result,
-            order=seed_order(arm_names), jobs=args.jobs, time_budget_s=budget_left(),
-            duration=duration,
+            units, args.work_dir, variant=Variant(img_size=IMG_SIZE), device=args.device,
+            threads=args.threads, run_fn=run_fn, on_result=on_result, order=seed_order(arm_names),
+            jobs=args.jobs, time_budget_s=budget_left(), duration=duration, refill=available,
         )  # fmt: skip
-        after = pending(record, args.sizes, arm_names, args.seeds)
-        if not names(after[0] + after[1]) - names(pilots + runs):
-            break  # nothing new became available
     merge_record(record, args.results)
     print(write_report(record, args.results))
     pilots, runs = pending(record, args.sizes, arm_names, args.seeds)

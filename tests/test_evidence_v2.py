@@ -143,6 +143,41 @@ def test_se_val_waits_for_its_recorded_selection_runs_across_sessions(
     assert se_val[0]["lambda"] == 0.03 and se_val[0]["val_top1"]["0.1"] == 61.0
 
 
+def test_se_val_runs_in_seed_order_once_its_selection_is_recorded_in_the_invocation(
+    ev, tmp_path, monkeypatch
+) -> None:
+    # seed 0's se_val becomes available mid-invocation: it goes before seed 1's runs, not after
+    # every run queued at the start (partial results stay paired, seed by seed)
+    results = record_with_pilot_50(ev, tmp_path / "record.json")
+    calls, val_top1 = (
+        [],
+        {0: {0.01: 60.0, 0.03: 65.0, 0.1: 61.0}, 1: {0.01: 1.0, 0.03: 1.0, 0.1: 9.0}},
+    )
+
+    def fake_run_arm(size, arm, seed, work_dir, variant, device, speed=None, selections=None):
+        calls.append((arm, seed))
+        if arm.startswith("se_val@"):
+            weight = float(arm.split("@")[1])
+            return {"n_per_class": 50, "arm": arm, "seed": seed, "lambda": weight,
+                    "top1": val_top1[seed][weight]}  # fmt: skip
+        result = fake_result(size, arm, seed)
+        if arm == "se_val":  # the λ its recorded selection runs chose, passed to the worker
+            result |= ev.select_lambda(selections[(50, seed)])
+        return result
+
+    monkeypatch.setattr(ev, "run_arm", fake_run_arm)
+    argv = ["evidence_v2", "--sizes", "50", "--arms", "baseline", "se_val", "--seeds", "2",
+            "--results", str(results), "--work-dir", str(tmp_path / "runs")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    ev.main()
+    selection = [("se_val@0.01", 0), ("se_val@0.03", 0), ("se_val@0.1", 0)]
+    assert calls == [("baseline", 0), *selection, ("se_val", 0), ("baseline", 1),
+                     *((arm, 1) for arm, _ in selection), ("se_val", 1)]  # fmt: skip
+    stored = json.loads(results.read_text())
+    chosen = {r["seed"]: r["lambda"] for r in stored["runs"] if r["arm"] == "se_val"}
+    assert chosen == {0: 0.03, 1: 0.1}
+
+
 def test_se_val_at_the_published_lambda_is_the_se_run(ev) -> None:
     # the published schedule is λ 0.01 (Peruzzo et al.); se_val keeps that schedule, so only
     # at λ 0.01 is its config se's, and at no λ any other arm's
