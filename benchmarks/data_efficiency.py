@@ -434,9 +434,10 @@ def execute(
     process as each run finishes (e.g. to record it). A run that raises is reported in one line
     and left unrecorded; the others go on (a later invocation tries it again).
 
-    ``refill()``, called after each ``on_result``: the runs available now (e.g. those a
-    recorded pilot or selection unlocks); each not yet queued in this invocation joins the
-    queue at its place in ``order`` (a run that failed is not tried again)."""
+    ``refill()``, called after each ``on_result``: the runs that have become available since
+    it was last called (e.g. those a recorded pilot or selection unlocks; never one given
+    before, so a run that failed is not tried again); they join the queue at their place in
+    ``order``."""
     start = time.perf_counter()
     run_fn = run_fn or run_one
     if order is None:
@@ -449,7 +450,6 @@ def execute(
     queue = sorted(runs, key=order)
     total = len(queue)
     done = 0
-    seen = set(queue)
 
     def report(run: tuple[Size, str, int], result: dict | list[dict], seconds: float) -> None:
         nonlocal done, total
@@ -470,9 +470,7 @@ def execute(
         )
         if on_result is not None:
             on_result(run, result)
-        if refill is not None:
-            new = [run for run in refill() if run not in seen]
-            seen.update(new)
+        if refill is not None and (new := refill()):
             total += len(new)
             queue[:] = sorted(queue + new, key=order)
 

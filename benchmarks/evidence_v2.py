@@ -1103,10 +1103,11 @@ def main() -> None:
         run_fn.selections = {key: selection_scores(record, *key) for key in keys}
 
     def available() -> list[tuple[Size, str, int]]:
-        """The units now available and not yet queued in this invocation."""
+        """The units available now and not yet queued in this invocation (by their runs: a
+        group's members may differ from one call to the next)."""
         pilots, runs = pending(record, args.sizes, arm_names, args.seeds)
         runs = [] if args.pilots_only else runs
-        fresh = [run for run in pilots + runs if names([run]) - queued]
+        fresh = [run for run in pilots + runs if names([run]).isdisjoint(queued)]
         queued.update(names(fresh))
         return group_units(fresh) if args.group else fresh
 
