@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_session.sh evidence MINUTES  # the second benchmark (evidence_v2.py);
 #                                                    # JOBS=N: runs side by side (default 8);
 #                                                    # GROUP=1: runs of a seed as one step;
-#                                                    # ARMS="baseline se ...": only these arms
+#                                                    # ARMS="baseline se ...": only these arms;
+#                                                    # SIZES="100": only these sizes
 #                                                    # (also for session and continue)
 #   bash benchmarks/gpu_session.sh groups K...       # K groups of 4 copies side by side
 #                                                    # (FUSED=1: fused attention kernel)
@@ -78,7 +79,7 @@ else
     # PROBE=1 the session replaces 8 with the count the probe's engine_parallel found fastest
     # shellcheck disable=SC2086  # ARMS: arm names, one word each
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
-        --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS})
+        --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
     quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5
@@ -267,7 +268,7 @@ session)
         # of 4 side by side took 0.09-0.10 s a group step; runs alone among 12 processes 0.071)
         # shellcheck disable=SC2086  # ARMS: arm names, one word each
         evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.1}"
-            ${ARMS:+--arms $ARMS})
+            ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
         echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
             "$(data_flags)"
     fi
@@ -304,7 +305,7 @@ continue)
     else  # a fresh machine: the committed probe's arrangement, explicit attention
         [ $device = cuda ] && evidence_extra=(--jobs "${JOBS:-8}" --threads 1 \
             $(use_group benchmarks/results/gpu_probe_session_cuda.json) \
-            --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS})
+            --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
         echo "== evidence for $((total - 20)) s (no first call on this machine)"
     fi
     evidence $((total - 20))
