@@ -62,6 +62,9 @@ OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 start=$SECONDS
+# the arms and sizes the evidence runs (ARMS, SIZES; all when unset), one place for every call
+# shellcheck disable=SC2206  # arm names and sizes, one word each
+selection=(${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
 strip() { tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]|^\s*$'; }
 if [ -n "${SMOKE:-${CHECKS_SMOKE:-}}" ]; then
     device=cpu
@@ -77,9 +80,9 @@ else
     speed=()
     # runs side by side, one process each, their data on the GPU (no loader processes); with
     # PROBE=1 the session replaces 8 with the count the probe's engine_parallel found fastest
-    # shellcheck disable=SC2086  # ARMS: arm names, one word each
+    # shellcheck disable=SC2086  # GROUP: one flag
     evidence_extra=(--jobs "${JOBS:-8}" --threads 1 ${GROUP:+--group}
-        --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
+        --step-seconds "${STEP_SECONDS:-0.1}" "${selection[@]}")
     probe=(--runs-at-once 1 4 8 16)
     # session: ~2 min of its minutes
     quick_probe=(--runs-at-once 1 6 12 --copies-at-once 1 4 --engine-epochs 5
@@ -266,9 +269,9 @@ session)
         [ -n "$group" ] && group="$group $(use_fused "$attention_json")"
         # start only a unit expected to finish: a group or run at STEP_SECONDS per step (6 groups
         # of 4 side by side took 0.09-0.10 s a group step; runs alone among 12 processes 0.071)
-        # shellcheck disable=SC2086  # ARMS: arm names, one word each
+        # shellcheck disable=SC2086  # group: flags, one word each
         evidence_extra=(--jobs "$jobs" --threads 1 $group --step-seconds "${STEP_SECONDS:-0.1}"
-            ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
+            "${selection[@]}")
         echo "== evidence with $jobs runs side by side ${group:-(no groups)} ($probe_json)" \
             "$(data_flags)"
     fi
@@ -305,7 +308,7 @@ continue)
     else  # a fresh machine: the committed probe's arrangement, explicit attention
         [ $device = cuda ] && evidence_extra=(--jobs "${JOBS:-8}" --threads 1 \
             $(use_group benchmarks/results/gpu_probe_session_cuda.json) \
-            --step-seconds "${STEP_SECONDS:-0.1}" ${ARMS:+--arms $ARMS} ${SIZES:+--sizes $SIZES})
+            --step-seconds "${STEP_SECONDS:-0.1}" "${selection[@]}")
         echo "== evidence for $((total - 20)) s (no first call on this machine)"
     fi
     evidence $((total - 20))
