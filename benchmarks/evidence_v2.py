@@ -915,27 +915,30 @@ def progress_lines(record: dict) -> list[str]:
 
 def cost_lines(record: dict) -> list[str]:
     """Seconds per training step of every recorded run (pilots, selection runs, arms) by
-    device, runs side by side (``execution``; "?" for runs recorded before it was), runs
-    trained as one step (``group``: the group's time is shared by its K copies, so a copy's
-    step costs ``train_time_s / steps / K``; with the fused attention kernel or not) and model:
-    the median over the runs."""
-    groups: dict[tuple[str, str, int, bool, str], list[float]] = {}
+    device, runs side by side and torch threads per run (``execution``; "?" side by side and
+    no threads for runs recorded before it was), runs trained as one step (``group``: the
+    group's time is shared by its K copies, so a copy's step costs ``train_time_s / steps /
+    K``; with the fused attention kernel or not) and model: the median over the runs. (A run
+    records its own invocation's jobs: another invocation beside it is not counted.)"""
+    groups: dict[tuple[str, str, int, int, bool, str], list[float]] = {}
     for r in [*record["pilot"].values(), *record.get("selection", []), *record["runs"]]:
         if not r.get("steps") or "train_time_s" not in r or "device" not in r:
             continue  # nothing timed
         if "same_run_as" in r:
             continue  # another arm's run, counted there
         jobs = str(r.get("execution", {}).get("jobs", "?"))
+        threads = r.get("execution", {}).get("threads", 0)  # 0: not recorded
         copies = r.get("group", {}).get("copies", 1)
         fused = copies > 1 and r.get("execution", {}).get("fused_attention", False)
-        key = (r["device"], jobs, copies, fused, r.get("model", VIT))
+        key = (r["device"], jobs, threads, copies, fused, r.get("model", VIT))
         groups.setdefault(key, []).append(r["train_time_s"] / r["steps"] / copies)
     if not groups:
         return []
     lines = ["", "Seconds per training step of one run (median over runs), by device, runs "
-             "side by side, runs trained as one step and model:", ""]  # fmt: skip
-    for (device, jobs, copies, fused, model), values in sorted(groups.items()):
-        together = f", {copies} as one step" if copies > 1 else ""
+             "side by side, threads per run, runs trained as one step and model:", ""]  # fmt: skip
+    for (device, jobs, threads, copies, fused, model), values in sorted(groups.items()):
+        together = f", {threads} thread{'s' if threads > 1 else ''} each" if threads else ""
+        together += f", {copies} as one step" if copies > 1 else ""
         together += " (fused attention)" if fused else ""
         lines.append(f"- {device}, {jobs} side by side{together}, {model}: "
                      f"{statistics.median(values):.3f} s ({len(values)} runs)")  # fmt: skip

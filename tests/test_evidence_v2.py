@@ -593,15 +593,21 @@ def test_a_records_runs_default_to_a_directory_named_after_it(ev, tmp_path, monk
 
 
 def test_cost_lines_by_hand(ev) -> None:
-    def run(device, seconds, steps, jobs=None, model="m"):
+    def run(device, seconds, steps, jobs=None, model="m", threads=None):
         r = {"device": device, "train_time_s": seconds, "steps": steps, "model": model}
-        return r | ({"execution": {"jobs": jobs}} if jobs else {})
+        execution = {"jobs": jobs} | ({"threads": threads} if threads else {})
+        return r | ({"execution": execution} if jobs else {})
 
     record = {
         "pilot": {"50": run("gpu", 100.0, 1000, jobs=8)},
         "selection": [run("gpu", 60.0, 200, jobs=8)],
         "runs": [run("gpu", 40.0, 200, jobs=8), run("gpu", 10.0, 200, jobs=2),
                  run("cpu", 300.0, 200),
+                 # the same arrangement with other threads is another line: 1 job of 2
+                 # threads (0.7 s) against 2 jobs of 1 thread (2.4 s, 2.2 s: median 2.3)
+                 run("cpu", 140.0, 200, jobs=1, threads=2),
+                 run("cpu", 480.0, 200, jobs=2, threads=1),
+                 run("cpu", 440.0, 200, jobs=2, threads=1),
                  # two copies of one group: 80 s for 200 steps of both, 0.2 s a copy's step
                  *[run("gpu", 80.0, 200, jobs=2) | {"group": {"copies": 2, "index": i}}
                    for i in (0, 1)],
@@ -611,6 +617,8 @@ def test_cost_lines_by_hand(ev) -> None:
                       "execution": {"jobs": 2, "fused_attention": True}} for i in (0, 1)]],
     }  # fmt: skip
     assert ev.cost_lines(record)[3:] == [
+        "- cpu, 1 side by side, 2 threads each, m: 0.700 s (1 runs)",
+        "- cpu, 2 side by side, 1 thread each, m: 2.300 s (2 runs)",
         "- cpu, ? side by side, m: 1.500 s (1 runs)",
         "- gpu, 2 side by side, m: 0.050 s (1 runs)",
         "- gpu, 2 side by side, 2 as one step, m: 0.200 s (2 runs)",
