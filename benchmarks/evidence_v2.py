@@ -926,10 +926,11 @@ def cost_lines(record: dict) -> list[str]:
             continue  # nothing timed
         if "same_run_as" in r:
             continue  # another arm's run, counted there
-        jobs = str(r.get("execution", {}).get("jobs", "?"))
-        threads = r.get("execution", {}).get("threads", 0)  # 0: not recorded
+        execution = r.get("execution", {})
+        jobs = str(execution.get("jobs", "?"))
+        threads = execution.get("threads", 0)  # 0: not recorded
         copies = r.get("group", {}).get("copies", 1)
-        fused = copies > 1 and r.get("execution", {}).get("fused_attention", False)
+        fused = copies > 1 and execution.get("fused_attention", False)
         key = (r["device"], jobs, threads, copies, fused, r.get("model", VIT))
         groups.setdefault(key, []).append(r["train_time_s"] / r["steps"] / copies)
     if not groups:
