@@ -307,16 +307,22 @@ def _save(fig, path: Path) -> None:
 
 def seed_lines(ax, results: list[dict], arms: list[str], key: str, label: str) -> None:
     """One size's runs on ``ax``: ``key`` per arm (x), one grey line per seed (the pairing the
-    paired differences use) and the mean over seeds; runs without ``key`` (None) are left out."""
+    paired differences use) and each arm's mean over the seeds that every arm with runs has, so
+    that an arm further on in its seeds is not compared on a different set of them (the legend
+    says so when some seeds are left out); runs without ``key`` (None) are left out."""
     by_seed = {(r["arm"], r["seed"]): r[key] for r in results if r.get(key) is not None}
     for seed in sorted({r["seed"] for r in results}):
         xs = [i for i, arm in enumerate(arms) if (arm, seed) in by_seed]
         ys = [by_seed[(arms[i], seed)] for i in xs]
         ax.plot(xs, ys, color="grey", alpha=0.5, marker=".", lw=1)
-    means = [(i, mean_std(v)[0]) for i, arm in enumerate(arms)
-             if (v := [value for (a, _), value in by_seed.items() if a == arm])]  # fmt: skip
-    ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9,
-            label="mean over seeds")  # fmt: skip
+    seeds = {arm: {s for a, s in by_seed if a == arm} for arm in arms}
+    present = [seeds[arm] for arm in arms if seeds[arm]]
+    shared = sorted(set.intersection(*present)) if present else []
+    means = [(i, mean_std([by_seed[(arm, s)] for s in shared])[0])
+             for i, arm in enumerate(arms) if seeds[arm] and shared]  # fmt: skip
+    every = len(shared) == len(set.union(*present)) if present else True
+    legend = "mean over seeds" if every else f"mean over the {len(shared)} seeds every arm has"
+    ax.plot([i for i, _ in means], [m for _, m in means], "o", color="C3", ms=9, label=legend)
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)

@@ -991,7 +991,7 @@ def plot(results: list[dict], path: Path) -> None:
             seed_lines(ax, runs, order, key, label)
         paired_panel(row[3], runs, order, "top1", "Δ test top-1 vs same seed's baseline")
         row[0].set_title(f"n = {n}/class", loc="left")
-    axes[0][0].legend()
+        row[0].legend()  # per row: which seeds the means cover can differ by size
     fig.suptitle(f"cluttered-fashion, 14x14 grid ({VIT} and peers): one line per seed")
     _save(fig, path)
 

@@ -426,6 +426,33 @@ def test_paired_panel_draws_each_seeds_difference_and_the_t_interval(ev) -> None
     plt.close(fig)
 
 
+def test_seed_lines_means_cover_only_the_seeds_every_arm_has(ev) -> None:
+    """The per-arm means of the plot's first panels are paired: with the baseline on seeds 0-4
+    (10, 20, 30, 40, 50) and the conv stem on seeds 0-2 (1, 2, 3), the baseline's mean is over
+    seeds 0-2, (10 + 20 + 30) / 3 = 20, not 30 over all five, and the legend says so; an arm
+    without runs gets no mean. With every arm on the same seeds the legend is the plain one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [result(100, "baseline", s, 10.0 * (s + 1), 0.2) for s in range(5)]
+    runs += [result(100, "conv_stem", s, float(s + 1), 0.2) for s in range(3)]
+    fig, ax = plt.subplots()
+    ev.seed_lines(ax, runs, ["baseline", "convit", "conv_stem"], "top1", "top-1")
+    (means,) = [line for line in ax.lines if line.get_marker() == "o"]
+    assert list(means.get_xdata()) == [0, 2]
+    assert list(means.get_ydata()) == pytest.approx([20.0, 2.0])
+    assert means.get_label() == "mean over the 3 seeds every arm has"
+    fig2, ax2 = plt.subplots()
+    ev.seed_lines(ax2, runs[:3] + runs[5:], ["baseline", "conv_stem"], "top1", "top-1")
+    (means,) = [line for line in ax2.lines if line.get_marker() == "o"]
+    assert list(means.get_ydata()) == pytest.approx([20.0, 2.0])
+    assert means.get_label() == "mean over seeds"
+    plt.close(fig)
+    plt.close(fig2)
+
+
 @pytest.fixture
 def tiny_pilot(ev, tmp_path, monkeypatch):
     """The pilot on a tiny model and data set: 130 training images (2 steps of 64 an epoch), 8
