@@ -329,6 +329,16 @@ def train_as_group(
 RUN_OVERHEAD_S = 30.0
 
 
+def seconds_per_step(run: dict) -> float | None:
+    """A recorded run's training seconds per step of one run: ``train_time_s / steps``, the
+    group's time shared by its K copies (``group.copies``); None for a run not timed (no steps or
+    no time) and for another arm's run (``same_run_as``: counted there). What `step_costs` and
+    `cost_lines` both measure."""
+    if not run.get("steps") or "train_time_s" not in run or "same_run_as" in run:
+        return None
+    return run["train_time_s"] / run["steps"] / run.get("group", {}).get("copies", 1)
+
+
 def step_costs(record: dict) -> dict[str, float]:
     """Each arm's seconds per step relative to the baseline's, measured by the record's runs
     (the median of ``train_time_s / steps`` over each arm's runs; a record's runs share a
@@ -338,9 +348,8 @@ def step_costs(record: dict) -> dict[str, float]:
     (cost 1 in `expected_seconds`)."""
     per_step: dict[str, list[float]] = {}
     for run in record["runs"]:
-        if run.get("group") or run.get("same_run_as") or not run.get("steps"):
-            continue
-        per_step.setdefault(run["arm"], []).append(run["train_time_s"] / run["steps"])
+        if not run.get("group") and (seconds := seconds_per_step(run)) is not None:
+            per_step.setdefault(run["arm"], []).append(seconds)
     if "baseline" not in per_step:
         return {}
     base = statistics.median(per_step["baseline"])
@@ -922,17 +931,15 @@ def cost_lines(record: dict) -> list[str]:
     records its own invocation's jobs: another invocation beside it is not counted.)"""
     groups: dict[tuple[str, str, int, int, bool, str], list[float]] = {}
     for r in [*record["pilot"].values(), *record.get("selection", []), *record["runs"]]:
-        if not r.get("steps") or "train_time_s" not in r or "device" not in r:
-            continue  # nothing timed
-        if "same_run_as" in r:
-            continue  # another arm's run, counted there
+        if "device" not in r or (seconds := seconds_per_step(r)) is None:
+            continue
         execution = r.get("execution", {})
         jobs = str(execution.get("jobs", "?"))
         threads = execution.get("threads", 0)  # 0: not recorded
         copies = r.get("group", {}).get("copies", 1)
         fused = copies > 1 and execution.get("fused_attention", False)
         key = (r["device"], jobs, threads, copies, fused, r.get("model", VIT))
-        groups.setdefault(key, []).append(r["train_time_s"] / r["steps"] / copies)
+        groups.setdefault(key, []).append(seconds)
     if not groups:
         return []
     lines = ["", "Seconds per training step of one run (median over runs), by device, runs "
