@@ -866,6 +866,8 @@ def report(record: dict) -> str:
                      f"{high:+.1f}] | {_cell(paired(results, n, arm, 'baseline', 'gap'), 1)} | "
                      f"{_cell(paired(results, n, arm, 'baseline', 'jaccard'), 3)} |")  # fmt: skip
     lines += pair_lines(results)
+    lines += seed_table(results, "top1", "Test top-1 (%)", 2)
+    lines += seed_table(results, "jaccard", "Jaccard", 3)
     lines += ["", "Hypotheses:", ""]
     lines += [f"- {name}, n = {n}: **{verdict}** ({evidence})"
               for name, n, verdict, evidence in hypotheses(results)]  # fmt: skip
@@ -906,6 +908,30 @@ def pair_lines(results: list[dict]) -> list[str]:
     return ["", "se against the baseline, seed by seed (the pairs H1 and H3 test):", "",
             "| n / class | seed | baseline top-1 | se top-1 | Δ top-1 | baseline Jaccard "
             "| se Jaccard | Δ Jaccard |", "|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+
+
+def seed_table(results: list[dict], key: str, title: str, digits: int) -> list[str]:
+    """``key`` of every run, one row per size and seed, one column per arm (the protocol's
+    order); beside each arm's value, its difference from the same seed's baseline. "-": not
+    recorded (yet)."""
+    names = [a for a in arms() if any(r["arm"] == a for r in results)]
+    runs = {(r["n_per_class"], r["seed"], r["arm"]): r.get(key) for r in results}
+    rows = []
+    for n, seed in sorted({(r["n_per_class"], r["seed"]) for r in results}):
+        base = runs.get((n, seed, "baseline"))
+        cells = []
+        for arm in names:
+            value = runs.get((n, seed, arm))
+            cell = "-" if value is None else f"{value:.{digits}f}"
+            if value is not None and base is not None and arm != "baseline":
+                cell += f" ({value - base:+.{digits}f})"
+            cells.append(cell)
+        rows.append(f"| {n} | {seed} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", f"{title} of every run, by seed (in brackets: minus the same seed's baseline):",
+            "", "| n / class | seed | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names), *rows]  # fmt: skip
 
 
 def progress_lines(record: dict) -> list[str]:

@@ -400,6 +400,27 @@ def test_hypothesis_verdicts_by_hand(ev, tmp_path) -> None:
     assert (tmp_path / "record.png").stat().st_size > 0
 
 
+def test_seed_table_by_hand(ev) -> None:
+    runs = [result(50, "baseline", 0, 40.0, 0.30), result(50, "conv_stem", 0, 55.5, 0.25),
+            result(50, "se", 1, 41.0, 0.35), result(100, "baseline", 0, 50.0, None),
+            result(100, "se", 0, 48.75, 0.20)]  # fmt: skip
+    # columns: the arms with runs, in the protocol's order (se before conv_stem); seed 1 at 50
+    # has no baseline (no bracket), n = 100's baseline no Jaccard (neither value nor bracket)
+    assert ev.seed_table(runs, "top1", "Test top-1 (%)", 2)[3:] == [
+        "| n / class | seed | baseline | se | conv_stem |",
+        "|---|---|---|---|---|",
+        "| 50 | 0 | 40.00 | - | 55.50 (+15.50) |",
+        "| 50 | 1 | - | 41.00 | - |",
+        "| 100 | 0 | 50.00 | 48.75 (-1.25) | - |",
+    ]
+    assert ev.seed_table(runs, "jaccard", "Jaccard", 3)[-3:] == [
+        "| 50 | 0 | 0.300 | - | 0.250 (-0.050) |",
+        "| 50 | 1 | - | 0.350 | - |",
+        "| 100 | 0 | - | 0.200 | - |",
+    ]
+    assert ev.seed_table([], "top1", "Test top-1 (%)", 2) == []
+
+
 def test_paired_panel_draws_each_seeds_difference_and_the_t_interval(ev) -> None:
     """The plot's fourth panel, against hand-computed values: se - baseline on three seeds is
     +1, +2, 0 (mean 1, sd 1), so the paired 95 % interval is 1 ± t(0.975, 2) / sqrt(3) =
