@@ -481,30 +481,11 @@ def _train_group(
     for epoch in range(first_epoch, cfg.epochs):
         if group.step >= total_steps:
             break
-        train_loader.sampler.set_position(epoch, 0)
-        start, batches = time.perf_counter(), 0
-        for c in copies:
-            c.sums = {}
-        for batch, (images, targets) in enumerate(train_loader):
-            images = images.to(info.device, non_blocking=True)
-            targets = targets.to(info.device, non_blocking=True)
-            if group.mixup is not None:
-                images, targets = group.mixup(images, targets)
-            group.train_step(images, targets, epoch, batch, steps_per_epoch)
-            batches += 1
-            progress.update()
-            if group.step >= total_steps:
-                break
-        elapsed = time.perf_counter() - start
-        train_stats = [_epoch_stats(group, c, epoch, batches, elapsed) for c in copies]
+        batches, seconds = _train_epoch(group, train_loader, epoch, total_steps, progress)
+        train_stats = [_epoch_stats(group, c, epoch, batches, seconds) for c in copies]
         done = group.step >= total_steps or epoch + 1 == cfg.epochs
-        evaluate_now = done or (epoch + 1) % cfg.eval_every == 0
-        for i, c in enumerate(copies):
-            vals[i] = _evaluate(group, i, val_loader) if evaluate_now else None
-            if vals[i] is not None and vals[i]["top1"] > c.best.get("top1", -1.0):
-                c.best = {"top1": vals[i]["top1"], "epoch": epoch, "step": group.step}
-            c.rows.append({"epoch": epoch, "step": group.step, **train_stats[i],
-                           **_prefixed(vals[i], "val_")})  # fmt: skip
+        vals = _end_epoch(group, val_loader, epoch, train_stats,
+                          evaluate=done or (epoch + 1) % cfg.eval_every == 0)  # fmt: skip
         if checkpoint is not None and (done or epoch % cfg.checkpoint_epochs == 0):
             group.save(Path(checkpoint), epoch + 1, time.perf_counter() - clock, train_stats)
     progress.close()
@@ -513,6 +494,41 @@ def _train_group(
         _write_run(group, i, vals[i] or _evaluate(group, i, val_loader), train_stats[i], elapsed)
         for i in range(len(copies))
     ]
+
+
+def _train_epoch(
+    group: _Group, loader, epoch: int, total_steps: int, progress: tqdm
+) -> tuple[int, float]:
+    """Train the group on one epoch of ``loader`` (stopping at ``total_steps``); the number of
+    batches and the seconds it took."""
+    loader.sampler.set_position(epoch, 0)
+    start, batches = time.perf_counter(), 0
+    for c in group.copies:
+        c.sums = {}
+    for batch, (images, targets) in enumerate(loader):
+        images = images.to(group.device, non_blocking=True)
+        targets = targets.to(group.device, non_blocking=True)
+        if group.mixup is not None:
+            images, targets = group.mixup(images, targets)
+        group.train_step(images, targets, epoch, batch, len(loader))
+        batches += 1
+        progress.update()
+        if group.step >= total_steps:
+            break
+    return batches, time.perf_counter() - start
+
+
+def _end_epoch(
+    group: _Group, loader, epoch: int, train_stats: list[dict[str, float]], evaluate: bool
+) -> list[dict[str, float] | None]:
+    """Each copy's validation metrics at the end of ``epoch`` (None where not ``evaluate``),
+    its best top-1 so far and its log row."""
+    vals = [_evaluate(group, i, loader) if evaluate else None for i in range(len(group.copies))]
+    for c, val, stats in zip(group.copies, vals, train_stats, strict=True):
+        if val is not None and val["top1"] > c.best.get("top1", -1.0):
+            c.best = {"top1": val["top1"], "epoch": epoch, "step": group.step}
+        c.rows.append({"epoch": epoch, "step": group.step, **stats, **_prefixed(val, "val_")})
+    return vals
 
 
 def _read_state(path: Path, configs: list[TrainConfig]) -> dict[str, Any] | None:
